@@ -1,0 +1,324 @@
+"""Checkpoints in the published DeepseekV3ForCausalLM layout (safetensors), interchangeable with DeepSeek-V3/R1,
+Moonlight, Kimi-K2, DeepSeek-V2(-Lite) and `transformers`' `save_pretrained`.
+
+Layout (HF names): `model.embed_tokens.weight`, `model.layers.{i}.{input_layernorm,self_attn.*,post_attention_layernorm,
+mlp.*}`, per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.gate.{weight,e_score_correction_bias}`,
+`model.norm.weight`, `lm_head.weight`; MTP module k at `model.layers.{num_hidden_layers + k}` with `enorm`, `hnorm`,
+`eh_proj`, `shared_head.norm`, and copies of the shared `embed_tokens` / `shared_head.head`. Above `max_shard_size`
+the weights are split into `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
+
+FP8 checkpoints (V3/R1 as published) store e4m3 weights with an fp32 `weight_scale_inv` per 128x128 block (edge blocks
+padded); they are dequantised on load (w · scale, despite the name). Saving is atomic: everything is written to a
+temporary directory, fsynced, then renamed into place. Nothing is ever unpickled: only safetensors and JSON are read.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelArgs
+from nanoseek.errors import NanoseekError
+
+EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")  # older transformers saved this buffer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# name maps
+
+def to_hf(model) -> dict[str, torch.Tensor]:
+    """nanoseek state dict -> {HF name: tensor}, experts split per expert, MTP moved to layer num_hidden_layers + k."""
+    args: ModelArgs = model.args
+    L, out = args.num_hidden_layers, {}
+    sd = model.state_dict()
+    for name, t in sd.items():
+        if name == "lm_head.weight":
+            if not args.tie_word_embeddings:
+                out[name] = t
+            continue
+        if m := EXPERT_RE.match(name):
+            for e in range(t.shape[0]):
+                out[f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight"] = t[e]
+            continue
+        if m := re.match(r"^mtp\.(\d+)\.(block\.)?(.*)$", name):
+            k = int(m[1])
+            rest = m[3]
+            if m[2] and (em := re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)):
+                for e in range(t.shape[0]):
+                    out[f"model.layers.{L + k}.mlp.experts.{e}.{em[1]}.weight"] = t[e]
+                continue
+            out[f"model.layers.{L + k}.{rest}"] = t
+            continue
+        out["model." + name] = t
+    for k in range(len(model.mtp)):  # the real checkpoints carry copies of the shared embedding and head
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd["embed_tokens.weight"]
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def hf_to_internal(name: str, L: int) -> tuple[str, int | None] | None:
+    """HF name -> (nanoseek name, expert index or None); None for tensors nanoseek does not keep (MTP copies)."""
+    if name == "lm_head.weight":
+        return name, None
+    if not name.startswith("model."):
+        return "?" + name, None
+    name = name[len("model."):]
+    expert = None
+    if m := re.match(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name):
+        name, expert = f"{m[1]}.{m[3]}", int(m[2])
+    if m := re.match(r"^layers\.(\d+)\.(.*)$", name):
+        i, rest = int(m[1]), m[2]
+        if i >= L:  # an MTP module
+            k = i - L
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                return None
+            if rest.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head"):
+                return f"mtp.{k}.{rest}", expert
+            return f"mtp.{k}.block.{rest}", expert
+    return name, expert
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FP8
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """e4m3 weight [M, N] with fp32 scales [ceil(M/bm), ceil(N/bn)] -> fp32 weight; w · scale per block."""
+    M, N = w.shape
+    bm, bn = block
+    s = scale_inv.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:M, :N]
+    return w.float() * s
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse, as DeepSeek stores weights: per block, scale = amax/448, stored e4m3 = w / scale (edges padded)."""
+    M, N = w.shape
+    bm, bn = block
+    Mp, Np = -(-M // bm) * bm, -(-N // bn) * bn
+    padded = torch.zeros(Mp, Np, dtype=torch.float32)
+    padded[:M, :N] = w.float()
+    blocks = padded.view(Mp // bm, bm, Np // bn, bn)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).view(Mp, Np)[:M, :N].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
+    if not m:
+        raise NanoseekError(f"cannot read the shard size {size!r} (use e.g. '5GB' or a number of bytes)")
+    return int(float(m[1]) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m[2]])
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def generation_config(args: ModelArgs) -> dict:
+    return {"_from_model_config": True, "bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
+            "do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's recommended sampling
+
+
+def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
+    """Write model (+ tokenizer) to directory `path` atomically. An existing checkpoint there is replaced as a whole;
+    a non-empty directory that is not a checkpoint is refused, so nothing of the user's is ever overwritten."""
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists())):
+        raise NanoseekError(f"refusing to overwrite {path}: it exists and is not a checkpoint directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf(model).items()}
+    names = sorted(tensors, key=_natural_key)
+    shards, cur, size = [], [], 0
+    for n in names:
+        nbytes = tensors[n].numel() * tensors[n].element_size()
+        if cur and size + nbytes > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nbytes
+    shards.append(cur)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # published files hold independent tensors: clone views (MTP copies, expert slices) before writing
+            save_file({n: tensors[n].clone() for n in shard}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        args = model.args
+        args.torch_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        args.to_json(tmp / "config.json")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if path.exists():  # swap: old aside, new in, old removed
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "ckpt")
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# load
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise NanoseekError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [path / f for f in sorted(set(wm.values()))]
+        for f in files:
+            if not f.exists():
+                raise NanoseekError(f"{index} names {f.name}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise NanoseekError(f"{path} holds only pickled weights (.bin/.pt); nanoseek loads safetensors only "
+                                "(convert them with transformers' save_pretrained(safe_serialization=True))")
+        raise NanoseekError(f"no .safetensors weights in {path}")
+    return files
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    out[name] = sf.get_tensor(name)
+        except Exception as e:  # safetensors raises several types for truncated / corrupt files
+            raise NanoseekError(f"{f} is not a readable safetensors file (truncated or corrupt?): "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return out
+
+
+def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Read every tensor under `path`, dequantise FP8, and map to nanoseek names, checking names and shapes."""
+    raw = read_tensors(weight_files(Path(path)))
+    block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
+    L = args.num_hidden_layers
+    sd, experts = {}, {}
+    for name, t in raw.items():
+        if name.endswith("_scale_inv") or IGNORED_RE.search(name):
+            continue
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if name + "_scale_inv" not in raw:
+                raise NanoseekError(f"FP8 tensor {name} has no {name}_scale_inv beside it")
+            t = dequantize_fp8(t, raw[name + "_scale_inv"], block)
+        mapped = hf_to_internal(name, L)
+        if mapped is None:
+            continue
+        iname, e = mapped
+        if e is None:
+            sd[iname] = (name, t)
+        else:
+            experts.setdefault(iname, {})[e] = (name, t)
+    for iname, parts in experts.items():
+        if iname not in expected:
+            name = next(iter(parts.values()))[0]
+            raise NanoseekError(f"unexpected tensor {name}: the config has no routed experts in that layer")
+        n = expected[iname][0]
+        for e in range(n):
+            if e not in parts:
+                hf = re.sub(r"experts\.(\w+)$", rf"experts.{e}.\1.weight", "model." + iname)
+                raise NanoseekError(f"missing tensor {hf} (expert {e} of {n})")
+        extra = sorted(set(parts) - set(range(n)))
+        if extra:
+            raise NanoseekError(f"unexpected tensor {parts[extra[0]][0]}: config says n_routed_experts={n}")
+        for e in range(n):
+            name, t = parts[e]
+            want = expected[iname][1:]
+            if t.shape != want:
+                raise NanoseekError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(want)}")
+        sd[iname] = ("model." + iname, torch.stack([parts[e][1] for e in range(n)]))
+    out = {}
+    for iname, (name, t) in sd.items():
+        if iname not in expected:
+            raise NanoseekError(f"unexpected tensor {name} (not part of a model with this config.json)")
+        if t.shape != expected[iname]:
+            raise NanoseekError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(expected[iname])}")
+        out[iname] = t
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise NanoseekError(f"missing tensor for {missing[0]} in {path}")
+    return out
+
+
+def checkpoint_has_mtp(path: Path, args: ModelArgs) -> bool:
+    prefix = f"model.layers.{args.num_hidden_layers}."
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                if any(k.startswith(prefix) for k in sf.keys()):
+                    return True
+        except Exception:
+            return True  # let read_tensors report the broken file
+    return False
+
+
+def from_pretrained(path, device=None, dtype=None):
+    """Load a DeepseekV3/V2ForCausalLM-format directory. dtype defaults to float32 on CPU, bfloat16 elsewhere."""
+    from nanoseek.model.transformer import build_model
+    from nanoseek.tokenizer import Tokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise NanoseekError(f"checkpoint directory {path} does not exist")
+    args = ModelArgs.from_json(path / "config.json")
+    if args.num_nextn_predict_layers and not checkpoint_has_mtp(path, args):
+        args.num_nextn_predict_layers = 0  # e.g. written by transformers, which drops the MTP layers
+    args.quantization_config = None  # FP8 weights are dequantised on load
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model = build_model(args, device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    sd = load_state_dict(path, args, expected)
+    for k, t in sd.items():
+        sd[k] = t.to(device=device, dtype=torch.float32 if k.endswith("e_score_correction_bias") else dtype)
+    model.load_state_dict(sd, strict=not args.tie_word_embeddings, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for m in model.moe_layers():
+        m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+    if (path / "tokenizer.json").exists():
+        model.tokenizer = Tokenizer.from_dir(path)
+    return model.eval()

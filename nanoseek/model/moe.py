@@ -1,0 +1,158 @@
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2): shared experts plus fine-grained routed SwiGLU experts.
+
+    h' = u + Σ_shared FFN_s(u) + Σ_i g_i FFN_i(u)
+
+Router (`Gate`), in fp32:
+  * scores s = sigmoid(u·e_i) (V3) or softmax (V2);
+  * V3 (`noaux_tc`): the per-expert bias b_i (`e_score_correction_bias`) is added for *selection only*; experts are
+    split into `n_group` groups, a group is scored by the sum of its top-2 biased scores, only the best `topk_group`
+    groups stay eligible, top-K experts are picked among them; the gate values are the *unbiased* s_i of those
+    experts, renormalised (`norm_topk_prob`) and multiplied by `routed_scaling_factor`;
+  * V2: `greedy` top-K of softmax scores, or `group_limited_greedy` (groups scored by their max).
+Balancing without an auxiliary loss: after each optimizer step the trainer calls `update_bias(γ)`, which moves b_i by
++γ for experts that got fewer tokens than the mean and −γ for those that got more; plus the small sequence-wise
+balance loss L_Bal = α Σ_i f_i P_i (V3 eqs. 17-20), computed in training when α > 0.
+
+Experts hold their weights stacked, [E, inter, hidden], so two implementations share one set of parameters:
+`reference` loops over experts as the paper reads; `grouped` (the default) sorts the (token, expert) pairs by expert and
+runs each projection as one grouped GEMM (`grouped_mm`), with no Python loop over experts and no host-device sync.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelArgs
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm")
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)). The dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk, self.n_experts = args.num_experts_per_tok, args.n_routed_experts
+        self.n_group, self.topk_group = args.n_group or 1, args.topk_group or 1
+        self.topk_method, self.scoring_func = args.topk_method, args.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, args.hidden_size))
+        if self.topk_method == "noaux_tc":  # fp32 always; a buffer: it is moved by update_bias, not by the optimizer
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> weights [N, K] fp32, indices [N, K], scores [N, E] fp32 (unbiased)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, n_group]
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.topk > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU experts, weights stacked as gate_proj/up_proj [E, I, D] and down_proj [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def reference(self, x, weights, indices):
+        """The paper's form: for each expert, run the tokens routed to it and add their gated outputs."""
+        y = torch.zeros_like(x)
+        for e in range(self.gate_proj.shape[0]):
+            tok, slot = torch.where(indices == e)
+            if tok.numel() == 0:
+                continue
+            h = F.silu(x[tok] @ self.gate_proj[e].T) * (x[tok] @ self.up_proj[e].T)
+            y.index_add_(0, tok, (h @ self.down_proj[e].T) * weights[tok, slot, None].to(x.dtype))
+        return y
+
+    def grouped(self, x, weights, indices):
+        """Sort the N·K (token, expert) pairs by expert, then one grouped GEMM per projection."""
+        E, K = self.gate_proj.shape[0], indices.shape[1]
+        flat = indices.flatten()  # [N*K]
+        order = flat.argsort(stable=True)
+        token = order // K  # the token of each sorted pair
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))  # no bincount: it would sync on GPU
+        offs = counts.cumsum(0, dtype=torch.int32)
+        xs = x[token]  # [N*K, D], grouped by expert
+        h = F.silu(_grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) \
+            * _grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
+        out = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # [N*K, D]
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, impl: str = "grouped"):
+        super().__init__()
+        self.impl = impl  # "grouped" (fast) or "reference"
+        self.n_experts, self.topk = args.n_routed_experts, args.num_experts_per_tok
+        self.aux_loss_alpha = args.aux_loss_alpha if args.seq_aux else 0.0
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        n_shared = args.n_shared_experts or 0
+        self.shared_experts = MLP(args.hidden_size, n_shared * args.moe_intermediate_size) if n_shared else None
+        # tokens routed to each expert since the last update_bias(); read by the trainer for the load balance
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+        self.balance_loss = None  # set by forward in training when α > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (B, T, D)
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(flat)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert.index_add_(0, indices.flatten(),
+                                                  torch.ones(indices.numel(), device=x.device))
+            if self.aux_loss_alpha > 0:
+                self.balance_loss = self.sequence_balance_loss(scores, indices, shape[0])
+        routed = getattr(self.experts, self.impl)(flat, weights, indices)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(flat)
+        return routed.view(shape)
+
+    def sequence_balance_loss(self, scores, indices, batch: int):
+        """α Σ_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20)."""
+        T = scores.shape[0] // batch
+        s = scores.view(batch, T, -1)
+        p = (s / s.sum(-1, keepdim=True)).mean(1)  # P_i [B, E]
+        hits = torch.zeros_like(s).scatter_(2, indices.view(batch, T, -1), 1.0)
+        f = hits.sum(1) * self.n_experts / (self.topk * T)  # f_i [B, E]
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """Auxiliary-loss-free balancing: b_i += γ·sign(mean load − load_i), then reset the counts."""
+        load = self.tokens_per_expert
+        if gamma > 0 and self.gate.e_score_correction_bias is not None and load.sum() > 0:
+            self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()

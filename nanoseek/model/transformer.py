@@ -1,0 +1,175 @@
+"""The DeepSeek-V3 decoder (DeepseekV3ForCausalLM): embedding, pre-norm blocks of MLA + (dense FFN | DeepSeekMoE),
+final norm, output head, and optionally the MTP modules. Single-device code; parallelism, FP8 and compile wrap it."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelArgs
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class LossOutput:
+    logits: torch.Tensor  # [B, T, V] of the main head
+    loss: torch.Tensor  # lm_loss + λ·mtp_loss + balance_loss: what the trainer backpropagates
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None
+    balance_loss: torch.Tensor | None
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(args, args.num_hidden_layers + k)
+                                 for k in range(args.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(args)
+        self.tokenizer = None  # a nanoseek Tokenizer, saved beside the weights when set
+
+    # ---- forward ----
+    def hidden(self, input_ids, positions=None, mask=None):
+        """input_ids [B, T] -> final normed hidden states [B, T, D], and (cos, sin)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x), (cos, sin)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, positions=None, mask=None):
+        """input_ids [B, T] -> logits [B, T, V]. With labels [B, T] (labels[t] = input_ids[t+1], -100 ignored) ->
+        LossOutput with the main, MTP and balance losses."""
+        h, (cos, sin) = self.hidden(input_ids, positions, mask)
+        logits = self.lm_head(h)
+        if labels is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        mtp_loss = self.mtp_loss(h, input_ids, labels, cos, sin) if len(self.mtp) else None
+        balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        balance_loss = torch.stack(balance).sum() if balance and self.training else None
+        for m in self.moe_layers():
+            m.balance_loss = None
+        loss = lm_loss
+        if mtp_loss is not None:
+            loss = loss + self.args.mtp_loss_weight * mtp_loss
+        if balance_loss is not None:
+            loss = loss + balance_loss
+        return LossOutput(logits, loss, lm_loss, mtp_loss, balance_loss)
+
+    def mtp_loss(self, h, input_ids, labels, cos, sin):
+        """Mean over depths k of the CE of predicting labels[t+k] (= x_{t+k+1}) from h^{k-1}_t and Emb(x_{t+k})."""
+        T, losses = input_ids.shape[1], []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos[..., : T - k, :], sin[..., : T - k, :])
+            logits = self.lm_head(module.shared_head.norm(h))
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+        return torch.stack(losses).mean() if losses else None
+
+    # ---- MoE helpers for the trainer ----
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_moe_impl(self, impl: str) -> "Transformer":
+        assert impl in ("grouped", "reference")
+        for m in self.moe_layers():
+            m.impl = impl
+        return self
+
+    def update_bias(self, gamma: float | None = None) -> None:
+        """Call after each optimizer step: the auxiliary-loss-free bias update of every MoE layer (γ=0 disables)."""
+        gamma = self.args.bias_update_speed if gamma is None else gamma
+        for m in self.moe_layers():
+            m.update_bias(gamma)
+
+    # ---- init, save, generate ----
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> "Transformer":
+        std = self.args.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        for m in self.moe_layers():
+            if m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.zero_()
+            m.tokens_per_expert.zero_()
+        return self
+
+    def save_pretrained(self, path, tokenizer=None, max_shard_size: int | str = "5GB") -> None:
+        """Write the DeepseekV3ForCausalLM layout (safetensors, config.json, tokenizer) atomically to path."""
+        from nanoseek.checkpoint import save_pretrained
+        save_pretrained(self, path, tokenizer=tokenizer or self.tokenizer, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
+        from nanoseek.checkpoint import from_pretrained
+        return from_pretrained(path, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Plain sampling by repeated full forwards (the reference the KV-cache engine is checked against)."""
+        for _ in range(max_new_tokens):
+            logits = self(input_ids[:, -self.args.max_position_embeddings:])[:, -1].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            input_ids = torch.cat([input_ids, nxt], dim=1)
+            if eos_token_id is not None and (nxt == eos_token_id).all():
+                break
+        return input_ids
+
+
+def build_model(args: ModelArgs, device="cpu", dtype=torch.float32, init: bool = True) -> Transformer:
+    """Build on the meta device (no memory), then materialise on `device` and initialise. device="meta" stops there."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:  # materialising gives each module its own tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    for m in model.moe_layers():  # router bias and load counts stay fp32
+        if m.gate.e_score_correction_bias is not None:
+            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+        m.tokens_per_expert.data = m.tokens_per_expert.data.float()
+    if init:
+        model.init_weights()
+    return model
