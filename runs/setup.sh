@@ -10,7 +10,9 @@ fi
 stamp=.venv/.nanoseek-installed
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    # (grep drops this machine's notes about local package folders it does not have)
+    .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
+        | { grep -v "^WARNING: Location" || true; }
     echo "$want" > "$stamp"
 fi

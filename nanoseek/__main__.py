@@ -1,0 +1,3 @@
+from nanoseek.cli import main
+import sys
+sys.exit(main())

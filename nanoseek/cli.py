@@ -1,0 +1,238 @@
+"""`nanoseek <subcommand>`: one CLI. Each subcommand is argparse with help on every flag and a main(args) tests call.
+User mistakes (NanoseekError) print one line and exit 1; no traceback."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from nanoseek.errors import NanoseekError
+
+
+def _model_args(args):
+    """--preset / --config / --checkpoint -> ModelArgs."""
+    from nanoseek.config import ModelArgs, get_preset
+    if getattr(args, "checkpoint", None):
+        p = Path(args.checkpoint)
+        if not p.is_dir():
+            raise NanoseekError(f"checkpoint directory {p} does not exist")
+        return ModelArgs.from_json(p / "config.json")
+    if getattr(args, "config", None):
+        return ModelArgs.from_json(args.config)
+    return get_preset(args.preset)
+
+
+# ---- info ----------------------------------------------------------------------------------------------------------
+
+def cmd_info(args):
+    from nanoseek.cost import report
+    margs = _model_args(args)
+    print(report(margs, seq_len=args.seq_len))
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------------------------
+
+def _read_texts(files):
+    texts = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise NanoseekError(f"text file {p} does not exist")
+        try:
+            t = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise NanoseekError(f"{p} is not UTF-8 text") from None
+        if not t.strip():
+            raise NanoseekError(f"{p} is empty")
+        texts.append(t)
+    return texts
+
+
+def train_tokenizer(text_files=(), docs: int = 4000, vocab_size: int = 4096, seed: int = 0):
+    from nanoseek.data.corpus import reasoning_texts
+    from nanoseek.tokenizer import Tokenizer
+    texts = _read_texts(text_files) if text_files else reasoning_texts(docs, seed=seed)
+    return Tokenizer.train(texts, vocab_size=vocab_size)
+
+
+def cmd_tokenizer(args):
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "tokenizer.json").exists():
+        raise NanoseekError(f"refusing to write into {out}: it exists and holds something else")
+    tok = train_tokenizer(args.text, args.docs, args.vocab_size, args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"tokenizer: {tok.vocab_size} tokens -> {out}")
+
+
+# ---- init / generate / convert -------------------------------------------------------------------------------------
+
+def cmd_init(args):
+    import torch
+    from nanoseek.model import build_model
+    from nanoseek.tokenizer import Tokenizer
+    margs = _model_args(args)
+    tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    if tok is not None and tok.vocab_size > margs.vocab_size:
+        raise NanoseekError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{margs.vocab_size}")
+    torch.manual_seed(args.seed)
+    model = build_model(margs)
+    model.save_pretrained(args.out, tokenizer=tok)
+    print(f"initialised {args.preset if not args.config else args.config} -> {args.out}")
+
+
+def cmd_generate(args):
+    import torch
+    from nanoseek.checkpoint import from_pretrained
+    model = from_pretrained(args.checkpoint)
+    tok = model.tokenizer
+    if tok is None:
+        raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; nanoseek generate needs one")
+    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat \
+        else tok.encode(args.prompt, bos=True)
+    if len(ids) + args.max_new_tokens > model.args.max_position_embeddings:
+        raise NanoseekError(f"prompt + --max-new-tokens exceed the context of {model.args.max_position_embeddings}")
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, eos_token_id=tok.eos_id, generator=g)
+    print(tok.decode(out[0, len(ids):].tolist()))
+
+
+def cmd_convert(args):
+    import torch
+    from nanoseek.checkpoint import from_pretrained
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    model = from_pretrained(args.src, dtype=dtype)
+    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    print(f"{args.src} -> {args.dst} ({args.dtype}, DeepseekV3ForCausalLM layout)")
+
+
+# ---- demo: the current main job ------------------------------------------------------------------------------------
+
+def cmd_demo(args):
+    """Tokenizer -> tiny model -> save -> load back (checked equal) -> generate a few tokens."""
+    import torch
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.config import get_preset
+    from nanoseek.cost import report
+    from nanoseek.model import build_model
+    out = Path(args.out)
+    t0 = time.time()
+    print(f"[1/4] training a {args.vocab_size}-token byte-level BPE on {args.docs} reasoning-gym documents")
+    tok = train_tokenizer(docs=args.docs, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"[2/4] building the '{args.preset}' model")
+    torch.manual_seed(args.seed)
+    model = build_model(get_preset(args.preset, vocab_size=args.vocab_size))
+    print(report(model.args, seq_len=model.args.max_position_embeddings))
+    print(f"[3/4] saving to {out} and loading it back")
+    model.save_pretrained(out, tokenizer=tok)
+    loaded = from_pretrained(out)
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])])
+    with torch.no_grad():
+        diff = (model.eval()(ids) - loaded(ids)).abs().max().item()
+    if diff != 0:
+        raise RuntimeError(f"reloaded model differs from the saved one (max abs diff {diff})")
+    print(f"      reloaded logits identical; files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    print("[4/4] generating (untrained weights: expect noise)")
+    new = loaded.generate(ids, args.max_new_tokens, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(0))
+    print("      prompt: " + tok.decode(ids[0].tolist()).replace("\n", "\\n"))
+    print("      output: " + tok.decode(new[0, ids.shape[1]:].tolist()).replace("\n", "\\n"))
+    print(f"done in {time.time() - t0:.1f}s. Load it with: from nanoseek import from_pretrained; "
+          f"from_pretrained('{out}')")
+
+
+# ---- parser --------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanoseek.config import PRESETS
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3/R1 as one small, hackable PyTorch codebase.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def model_source(sp, checkpoint=True):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--preset", default="tiny", choices=list(PRESETS), help="a built-in model shape (default tiny)")
+        g.add_argument("--config", help="a config.json in the DeepseekV3Config format")
+        if checkpoint:
+            g.add_argument("--checkpoint", help="a checkpoint directory (its config.json is read)")
+
+    sp = sub.add_parser("demo", help="the current main job: tokenizer, tiny model, save, load, generate")
+    sp.add_argument("--out", default="out/demo", help="checkpoint directory to write (default out/demo)")
+    sp.add_argument("--preset", default="tiny", choices=list(PRESETS)[:2], help="model preset (default tiny)")
+    sp.add_argument("--docs", type=int, default=4000, help="reasoning-gym documents to train the tokenizer on")
+    sp.add_argument("--vocab-size", type=int, default=4096, help="tokenizer and model vocabulary size")
+    sp.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at the end")
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("info", help="parameters (total/active), FLOPs per token and KV-cache size of a model")
+    model_source(sp)
+    sp.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
+    sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("tokenizer", help="train the byte-level BPE with DeepSeek's special tokens and R1 template")
+    sp.add_argument("--out", required=True, help="directory to write tokenizer.json and tokenizer_config.json to")
+    sp.add_argument("--text", nargs="*", default=[], help="UTF-8 text files to train on (default: reasoning-gym)")
+    sp.add_argument("--docs", type=int, default=4000, help="reasoning-gym documents when no --text is given")
+    sp.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
+    sp.set_defaults(fn=cmd_tokenizer)
+
+    sp = sub.add_parser("init", help="write a randomly initialised model in the DeepseekV3ForCausalLM layout")
+    model_source(sp, checkpoint=False)
+    sp.add_argument("--out", required=True, help="checkpoint directory to write")
+    sp.add_argument("--tokenizer", help="a tokenizer directory to save beside the weights")
+    sp.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    sp.set_defaults(fn=cmd_init)
+
+    sp = sub.add_parser("generate", help="sample a continuation from a checkpoint (full forwards; no KV cache yet)")
+    sp.add_argument("--checkpoint", required=True, help="checkpoint directory (with tokenizer files)")
+    sp.add_argument("--prompt", required=True, help="text to continue")
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the R1 chat template")
+    sp.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    sp.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, R1's setting)")
+    sp.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("convert", help="load any supported checkpoint (FP8, V2, transformers) and write nanoseek's "
+                                        "DeepseekV3ForCausalLM layout (FP8 dequantised)")
+    sp.add_argument("src", help="source checkpoint directory")
+    sp.add_argument("dst", help="destination directory (must not hold anything but a checkpoint)")
+    sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype to write")
+    sp.add_argument("--max-shard-size", default="5GB", help="split files above this size (default 5GB)")
+    sp.set_defaults(fn=cmd_convert)
+    return p
+
+
+def _check_ranges(args):
+    for name in ("docs", "vocab_size", "max_new_tokens", "seq_len", "top_k"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    t = getattr(args, "temperature", None)
+    if t is not None and t < 0:
+        raise NanoseekError(f"--temperature must be >= 0, got {t}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        _check_ranges(args)
+        args.fn(args)
+    except NanoseekError as e:
+        print(f"nanoseek {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Counting: total and active parameters, training FLOPs per token, KV-cache size, for any ModelArgs.
+
+Parameters are counted on a model built on the meta device (no memory, so the 671B `v3` preset works anywhere).
+"Active" follows DeepSeek's convention (README_WEIGHTS: 36.7B incl. 0.9B embedding + 0.9B head): everything a token
+touches, i.e. all parameters except the routed experts it is not sent to; MTP modules are reported apart.
+
+Training FLOPs per token = 6 × (active matmul parameters: everything active but the embedding lookup)
+                         + 6 × attention (QKᵀ and AV: 2·H·(qk_head_dim + v_head_dim) per query per key,
+                           causal, so T/2 keys on average), for the main model and, in training, the MTP modules.
+"""
+
+from nanoseek.config import ModelArgs
+
+
+def count_params(args: ModelArgs) -> dict[str, int]:
+    from nanoseek.model.transformer import build_model
+    model = build_model(args, device="meta")
+    total = mtp = routed_inactive = mtp_routed_inactive = 0
+    frac_inactive = 1 - (args.num_experts_per_tok or 0) / (args.n_routed_experts or 1)
+    for name, p in model.named_parameters():  # tied weights are listed once
+        n = p.numel()
+        inactive = n * frac_inactive if ".mlp.experts." in name else 0
+        if name.startswith("mtp."):
+            mtp += n
+            mtp_routed_inactive += inactive
+        else:
+            total += n
+            routed_inactive += inactive
+    embedding = args.vocab_size * args.hidden_size
+    return {
+        "total": total,  # main model, without MTP
+        "active": round(total - routed_inactive),
+        "active_no_embedding": round(total - routed_inactive) - embedding,  # DeepSeek's 36.6B-style figure
+        "embedding": embedding,
+        "head": 0 if args.tie_word_embeddings else embedding,
+        "mtp": mtp,  # MTP modules' own parameters (embedding and head are shared)
+        "mtp_active": round(mtp - mtp_routed_inactive),
+        "total_with_mtp": total + mtp,
+    }
+
+
+def attention_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Forward FLOPs of QKᵀ and AV for one token of one layer, averaged over a causal sequence of seq_len."""
+    return 2 * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * seq_len / 2
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, mtp: bool = True, params: dict | None = None) -> dict[str, float]:
+    """Forward and training (3× forward) FLOPs per token; `mtp` adds the MTP modules (trained, not used in serving)."""
+    p = params or count_params(args)
+    matmul = p["active"] - p["embedding"] + (p["embedding"] if args.tie_word_embeddings else 0)
+    fwd = 2 * matmul + args.num_hidden_layers * attention_flops_per_token(args, seq_len)
+    if mtp and args.num_nextn_predict_layers:
+        D = args.num_nextn_predict_layers
+        head = args.vocab_size * args.hidden_size  # the shared head runs again at every depth
+        fwd += 2 * (p["mtp_active"] + D * head) + D * attention_flops_per_token(args, seq_len)
+    return {"forward": fwd, "training": 3 * fwd}
+
+
+def kv_cache_elements_per_token(args: ModelArgs) -> dict[str, int]:
+    """Cached elements per token over all layers: MLA's latent (kv_lora_rank + rope key) vs the naive k and v."""
+    L = args.num_hidden_layers
+    return {"mla": L * (args.kv_lora_rank + args.qk_rope_head_dim),
+            "naive": L * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)}
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def report(args: ModelArgs, seq_len: int = 4096) -> str:
+    p = count_params(args)
+    f = flops_per_token(args, seq_len, params=p)
+    kv = kv_cache_elements_per_token(args)
+    lines = [
+        f"parameters     total {human(p['total'])} ({p['total']:,}), active per token {human(p['active'])} "
+        f"({human(p['active_no_embedding'])} without the embedding lookup)",
+        f"               embedding {human(p['embedding'])}, head {human(p['head'])}; "
+        f"MTP modules {human(p['mtp'])} (active {human(p['mtp_active'])}), total with MTP {human(p['total_with_mtp'])}",
+        f"FLOPs/token    forward {human(f['forward'], 'FLOP')}, training {human(f['training'], 'FLOP')} "
+        f"(seq {seq_len}, causal attention, MTP included)",
+        f"KV cache/token MLA latent {kv['mla']:,} elements vs naive k,v {kv['naive']:,} "
+        f"({kv['naive'] / kv['mla']:.1f}x smaller)",
+    ]
+    return "\n".join(lines)
