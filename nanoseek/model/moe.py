@@ -53,6 +53,12 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def _apply(self, fn, recurse=True):  # model.to(bf16) must not round the router bias: keep it fp32
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None and self.e_score_correction_bias.is_floating_point():
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x: torch.Tensor):
         """x [N, D] -> weights [N, K] fp32, indices [N, K], scores [N, E] fp32 (unbiased)."""
         logits = F.linear(x.float(), self.weight.float())
@@ -124,6 +130,12 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last update_bias(); read by the trainer for the load balance
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.balance_loss = None  # set by forward in training when α > 0
+
+    def _apply(self, fn, recurse=True):  # counts stay fp32 whatever dtype the model is cast to
+        super()._apply(fn, recurse)
+        if self.tokens_per_expert.is_floating_point():
+            self.tokens_per_expert = self.tokens_per_expert.float()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (B, T, D)

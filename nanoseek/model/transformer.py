@@ -166,10 +166,6 @@ def build_model(args: ModelArgs, device="cpu", dtype=torch.float32, init: bool =
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:  # materialising gives each module its own tensor: tie again
         model.lm_head.weight = model.embed_tokens.weight
-    for m in model.moe_layers():  # router bias and load counts stay fp32
-        if m.gate.e_score_correction_bias is not None:
-            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
-        m.tokens_per_expert.data = m.tokens_per_expert.data.float()
     if init:
         model.init_weights()
     return model
