@@ -83,15 +83,24 @@ class Transformer(nn.Module):
             loss = loss + balance_loss
         return LossOutput(logits, loss, lm_loss, mtp_loss, balance_loss)
 
-    def mtp_loss(self, h, input_ids, labels, cos, sin):
-        """Mean over depths k of the CE of predicting labels[t+k] (= x_{t+k+1}) from h^{k-1}_t and Emb(x_{t+k})."""
-        T, losses = input_ids.shape[1], []
+    def mtp_forward(self, h, input_ids, cos, sin) -> list[torch.Tensor]:
+        """Logits of each MTP depth k: position t predicts x_{t+k+1} from h^{k-1}_t and Emb(x_{t+k}); [B, T-k, V]."""
+        T, out = input_ids.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
             h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos[..., : T - k, :], sin[..., : T - k, :])
-            logits = self.lm_head(module.shared_head.norm(h))
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+            out.append(self.lm_head(module.shared_head.norm(h)))
+        return out
+
+    def mtp_logits(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        h, (cos, sin) = self.hidden(input_ids)
+        return self.mtp_forward(h, input_ids, cos, sin)
+
+    def mtp_loss(self, h, input_ids, labels, cos, sin):
+        """L_MTP / λ: the mean over depths k of the CE of predicting labels[t+k] (= x_{t+k+1})."""
+        losses = [F.cross_entropy(logits.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100)
+                  for k, logits in enumerate(self.mtp_forward(h, input_ids, cos, sin), start=1)]
         return torch.stack(losses).mean() if losses else None
 
     # ---- MoE helpers for the trainer ----
