@@ -112,8 +112,8 @@ class Experts(nn.Module):
         xs = x[token]  # [N*K, D], grouped by expert
         h = F.silu(_grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) \
             * _grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
+        h = h * weights.flatten()[order, None].to(h.dtype)  # gate before down_proj (linear): I wide, not D
         out = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # [N*K, D]
-        out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token, out)
 
 
