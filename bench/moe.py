@@ -86,7 +86,7 @@ def build(D, E, K, S, I, device, dtype):
         with torch.no_grad():
             m.gate.weight.copy_(ours.gate.weight)
             m.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-            m.experts.gate_up_proj.copy_(torch.cat([ours.experts.gate_proj, ours.experts.up_proj], dim=1))
+            m.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)  # same layout: gate rows, then up rows
             m.experts.down_proj.copy_(ours.experts.down_proj)
             for n in ("gate_proj", "up_proj", "down_proj"):
                 getattr(m.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)

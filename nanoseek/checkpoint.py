@@ -26,8 +26,7 @@ from safetensors.torch import save_file
 from nanoseek.config import ModelArgs
 from nanoseek.errors import NanoseekError
 
-EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
-HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")  # older transformers saved this buffer
 
 
@@ -44,18 +43,17 @@ def to_hf(model) -> dict[str, torch.Tensor]:
             if not args.tie_word_embeddings:
                 out[name] = t
             continue
-        if m := EXPERT_RE.match(name):
+        if m := re.match(r"^mtp\.(\d+)\.(block\.)?(.*)$", name):  # MTP module k -> layer L + k
+            k, rest = int(m[1]), m[3]
+            name = f"layers.{L + k}.{rest}"
+        if m := EXPERT_RE.match(name):  # stacked experts -> one tensor per expert and projection
+            prefix = f"model.layers.{m[1]}.mlp.experts"
             for e in range(t.shape[0]):
-                out[f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight"] = t[e]
-            continue
-        if m := re.match(r"^mtp\.(\d+)\.(block\.)?(.*)$", name):
-            k = int(m[1])
-            rest = m[3]
-            if m[2] and (em := re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)):
-                for e in range(t.shape[0]):
-                    out[f"model.layers.{L + k}.mlp.experts.{e}.{em[1]}.weight"] = t[e]
-                continue
-            out[f"model.layers.{L + k}.{rest}"] = t
+                if m[2] == "down_proj":
+                    out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+                else:
+                    gate, up = t[e].chunk(2, dim=0)
+                    out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
             continue
         out["model." + name] = t
     for k in range(len(model.mtp)):  # the real checkpoints carry copies of the shared embedding and head
@@ -250,25 +248,31 @@ def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size]) -> d
         if e is None:
             sd[iname] = (name, t)
         else:
-            experts.setdefault(iname, {})[e] = (name, t)
-    for iname, parts in experts.items():
-        if iname not in expected:
-            name = next(iter(parts.values()))[0]
-            raise NanoseekError(f"unexpected tensor {name}: the config has no routed experts in that layer")
-        n = expected[iname][0]
-        for e in range(n):
-            if e not in parts:
-                hf = re.sub(r"experts\.(\w+)$", rf"experts.{e}.\1.weight", "model." + iname)
-                raise NanoseekError(f"missing tensor {hf} (expert {e} of {n})")
-        extra = sorted(set(parts) - set(range(n)))
-        if extra:
-            raise NanoseekError(f"unexpected tensor {parts[extra[0]][0]}: config says n_routed_experts={n}")
-        for e in range(n):
-            name, t = parts[e]
-            want = expected[iname][1:]
-            if t.shape != want:
-                raise NanoseekError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(want)}")
-        sd[iname] = ("model." + iname, torch.stack([parts[e][1] for e in range(n)]))
+            base, proj = iname.rsplit(".", 1)
+            experts.setdefault(base, {}).setdefault(proj, {})[e] = (name, t)
+    for base, projs in experts.items():  # per-expert tensors -> stacked gate_up_proj [E, 2I, D], down_proj [E, D, I]
+        any_name = next(iter(next(iter(projs.values())).values()))[0]
+        if base + ".gate_up_proj" not in expected:
+            raise NanoseekError(f"unexpected tensor {any_name}: the config has no routed experts in that layer")
+        n, two_i, dim = expected[base + ".gate_up_proj"]
+        stacked = {}
+        for proj, want in (("gate_proj", (two_i // 2, dim)), ("up_proj", (two_i // 2, dim)),
+                           ("down_proj", (dim, two_i // 2))):
+            parts = projs.get(proj, {})
+            for e in range(n):
+                if e not in parts:
+                    hf = re.sub(r"experts\.\d+\.\w+\.weight$", f"experts.{e}.{proj}.weight", any_name)
+                    raise NanoseekError(f"missing tensor {hf} (expert {e} of {n})")
+                name, t = parts[e]
+                if tuple(t.shape) != want:
+                    raise NanoseekError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(want)}")
+            extra = sorted(set(parts) - set(range(n)))
+            if extra:
+                raise NanoseekError(f"unexpected tensor {parts[extra[0]][0]}: config says n_routed_experts={n}")
+            stacked[proj] = [parts[e][1] for e in range(n)]
+        sd[base + ".gate_up_proj"] = (any_name, torch.stack([torch.cat([g, u]) for g, u in
+                                                             zip(stacked["gate_proj"], stacked["up_proj"])]))
+        sd[base + ".down_proj"] = (any_name, torch.stack(stacked["down_proj"]))
     out = {}
     for iname, (name, t) in sd.items():
         if iname not in expected:

@@ -123,4 +123,4 @@ def test_presets_and_counts():
 def test_v3_builds_on_meta_only():
     m = build_model(get_preset("v3"), device="meta")
     assert next(m.parameters()).is_meta
-    assert len(m.layers) == 61 and len(m.mtp) == 1 and m.layers[3].mlp.experts.gate_proj.shape == (256, 2048, 7168)
+    assert len(m.layers) == 61 and len(m.mtp) == 1 and m.layers[3].mlp.experts.gate_up_proj.shape == (256, 4096, 7168)

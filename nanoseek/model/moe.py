@@ -81,28 +81,28 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """n_routed_experts SwiGLU experts, weights stacked as gate_proj/up_proj [E, I, D] and down_proj [E, D, I]."""
+    """n_routed_experts SwiGLU experts. Weights stacked: gate_up_proj [E, 2I, D] (each expert's gate_proj rows, then
+    its up_proj rows: one GEMM computes both) and down_proj [E, D, I]. Checkpoints store them per expert."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def reference(self, x, weights, indices):
         """The paper's form: for each expert, run the tokens routed to it and add their gated outputs."""
         y = torch.zeros_like(x)
-        for e in range(self.gate_proj.shape[0]):
+        for e in range(self.gate_up_proj.shape[0]):
             tok, slot = torch.where(indices == e)
             if tok.numel() == 0:
                 continue
-            h = F.silu(x[tok] @ self.gate_proj[e].T) * (x[tok] @ self.up_proj[e].T)
-            y.index_add_(0, tok, (h @ self.down_proj[e].T) * weights[tok, slot, None].to(x.dtype))
+            gate, up = (x[tok] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y.index_add_(0, tok, (F.silu(gate) * up @ self.down_proj[e].T) * weights[tok, slot, None].to(x.dtype))
         return y
 
     def grouped(self, x, weights, indices):
         """Sort the N·K (token, expert) pairs by expert, then one grouped GEMM per projection."""
-        E, K = self.gate_proj.shape[0], indices.shape[1]
+        E, K = self.gate_up_proj.shape[0], indices.shape[1]
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         token = order // K  # the token of each sorted pair
@@ -110,9 +110,8 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat, dtype=torch.int32))  # no bincount: it would sync on GPU
         offs = counts.cumsum(0, dtype=torch.int32)
         xs = x[token]  # [N*K, D], grouped by expert
-        h = F.silu(_grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) \
-            * _grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
-        h = h * weights.flatten()[order, None].to(h.dtype)  # gate before down_proj (linear): I wide, not D
+        gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)  # gate value applied before down_proj
         out = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # [N*K, D]
         return torch.zeros_like(x).index_add_(0, token, out)
 
