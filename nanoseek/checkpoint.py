@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from nanoseek.config import ModelArgs
 from nanoseek.errors import NanoseekError
@@ -159,7 +160,7 @@ def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5G
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         weight_map = {}
-        for i, shard in enumerate(shards):
+        for i, shard in enumerate(tqdm(shards, desc="saving shards", unit="file", disable=len(shards) < 2)):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             # published files hold independent tensors: clone views (MTP copies, expert slices) before writing
             save_file({n: tensors[n].clone() for n in shard}, tmp / fname, metadata={"format": "pt"})
@@ -217,7 +218,7 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     out = {}
-    for f in files:
+    for f in tqdm(files, desc="loading shards", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for name in sf.keys():
@@ -228,19 +229,23 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtype=None) -> dict[str, torch.Tensor]:
     """Read every tensor under `path`, dequantise FP8, and map to nanoseek names, checking names and shapes."""
     raw = read_tensors(weight_files(Path(path)))
+    scales = {k: raw.pop(k) for k in [k for k in raw if k.endswith("_scale_inv")]}
     block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
     L = args.num_hidden_layers
     sd, experts = {}, {}
-    for name, t in raw.items():
-        if name.endswith("_scale_inv") or IGNORED_RE.search(name):
+    for name in list(raw):
+        t = raw.pop(name)  # converted one by one, so peak memory stays near one copy of the weights
+        if IGNORED_RE.search(name):
             continue
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            if name + "_scale_inv" not in raw:
+            if name + "_scale_inv" not in scales:
                 raise NanoseekError(f"FP8 tensor {name} has no {name}_scale_inv beside it")
-            t = dequantize_fp8(t, raw[name + "_scale_inv"], block)
+            t = dequantize_fp8(t, scales[name + "_scale_inv"], block)
+        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)  # the router bias stays fp32
         mapped = hf_to_internal(name, L)
         if mapped is None:
             continue
@@ -315,7 +320,7 @@ def from_pretrained(path, device=None, dtype=None):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    sd = load_state_dict(path, args, expected)
+    sd = load_state_dict(path, args, expected, dtype=dtype)
     for k, t in sd.items():
         sd[k] = t.to(device=device, dtype=torch.float32 if k.endswith("e_score_correction_bias") else dtype)
     model.load_state_dict(sd, strict=not args.tie_word_embeddings, assign=True)

@@ -80,6 +80,23 @@ class Gate(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
+class Dispatch(torch.autograd.Function):
+    """xs = x[token]: each token copied to the rows of its K experts. The backward gathers each copy's gradient back
+    through the inverse permutation and sums the K copies, a parallel gather where autograd's default for x[token]
+    is a scatter-add (`index_put_` with accumulate), 4x slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, token, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
 class Experts(nn.Module):
     """n_routed_experts SwiGLU experts. Weights stacked: gate_up_proj [E, 2I, D] (each expert's gate_proj rows, then
     its up_proj rows: one GEMM computes both) and down_proj [E, D, I]. Checkpoints store them per expert."""
@@ -109,7 +126,8 @@ class Experts(nn.Module):
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))  # no bincount: it would sync on GPU
         offs = counts.cumsum(0, dtype=torch.int32)
-        xs = x[token]  # [N*K, D], grouped by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        xs = Dispatch.apply(x, token, inverse, K)  # [N*K, D], grouped by expert
         gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)  # gate value applied before down_proj
         out = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # [N*K, D]
