@@ -68,7 +68,7 @@ def hf_to_internal(name: str, L: int) -> tuple[str, int | None] | None:
     if name == "lm_head.weight":
         return name, None
     if not name.startswith("model."):
-        return "?" + name, None
+        return "?" + name, None  # "?": never a nanoseek name, so it is reported as unexpected
     name = name[len("model."):]
     expert = None
     if m := re.match(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name):
