@@ -34,11 +34,11 @@ IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")  # older transformers saved th
 # ---------------------------------------------------------------------------------------------------------------------
 # name maps
 
-def to_hf(model) -> dict[str, torch.Tensor]:
+def to_hf(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
     """nanoseek state dict -> {HF name: tensor}, experts split per expert, MTP moved to layer num_hidden_layers + k."""
     args: ModelArgs = model.args
     L, out = args.num_hidden_layers, {}
-    sd = model.state_dict()
+    sd = model.state_dict() if sd is None else sd
     for name, t in sd.items():
         if name == "lm_head.weight":
             if not args.tie_word_embeddings:
@@ -138,18 +138,14 @@ def generation_config(args: ModelArgs) -> dict:
             "do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's recommended sampling
 
 
-def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
-    """Write model (+ tokenizer) to directory `path` atomically. An existing checkpoint there is replaced as a whole;
-    a non-empty directory that is not a checkpoint is refused, so nothing of the user's is ever overwritten."""
-    path = Path(path)
+def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None) -> None:
+    """Write the weights (sharded above max_shard_size), config.json, generation_config.json and the tokenizer into
+    the directory `out` (not atomic by itself: callers write into a temporary directory and rename it).
+    `state_dict`: a full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards)."""
     limit = _parse_size(max_shard_size)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists())):
-        raise NanoseekError(f"refusing to overwrite {path}: it exists and is not a checkpoint directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf(model).items()}
-    names = sorted(tensors, key=_natural_key)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf(model, state_dict).items()}
     shards, cur, size = [], [], 0
-    for n in names:
+    for n in sorted(tensors, key=_natural_key):
         nbytes = tensors[n].numel() * tensors[n].element_size()
         if cur and size + nbytes > limit:
             shards.append(cur)
@@ -157,30 +153,41 @@ def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5G
         cur.append(n)
         size += nbytes
     shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(tqdm(shards, desc="saving shards", unit="file", disable=len(shards) < 2)):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # published files hold independent tensors: clone views (MTP copies, expert slices) before writing
+        save_file({n: tensors[n].clone() for n in shard}, out / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    args = model.args
+    args.torch_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    args.to_json(out / "config.json")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out)
+
+
+def atomic_dir(path: Path, write, replace: bool = True) -> Path:
+    """Run write(tmp) on a fresh temporary directory beside `path`, fsync everything, then rename it to `path`
+    (an existing `path` is swapped out and removed when `replace`). On any failure the temporary is removed and
+    `path` is left exactly as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        weight_map = {}
-        for i, shard in enumerate(tqdm(shards, desc="saving shards", unit="file", disable=len(shards) < 2)):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # published files hold independent tensors: clone views (MTP copies, expert slices) before writing
-            save_file({n: tensors[n].clone() for n in shard}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        args = model.args
-        args.torch_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        args.to_json(tmp / "config.json")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write(tmp)
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-        if path.exists():  # swap: old aside, new in, old removed
+        if path.exists():
+            if not replace:
+                raise NanoseekError(f"{path} already exists")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "ckpt")
+            os.rename(path, old / "ckpt")  # swap: old aside, new in, old removed
             os.rename(tmp, path)
             shutil.rmtree(old)
         else:
@@ -190,6 +197,16 @@ def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5G
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
+    """Write model (+ tokenizer) to directory `path` atomically. An existing checkpoint there is replaced as a whole;
+    a non-empty directory that is not a checkpoint is refused, so nothing of the user's is ever overwritten."""
+    path = Path(path)
+    _parse_size(max_shard_size)  # a bad size is reported before anything is written
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists())):
+        raise NanoseekError(f"refusing to overwrite {path}: it exists and is not a checkpoint directory")
+    return atomic_dir(path, lambda tmp: write_model_files(model, tmp, tokenizer, max_shard_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

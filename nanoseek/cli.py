@@ -143,6 +143,53 @@ def cmd_demo(args):
           f"from_pretrained('{out}')")
 
 
+# ---- data / pretrain / cost -----------------------------------------------------------------------------------------
+
+def cmd_data(args):
+    from nanoseek.data.corpus import perplexity_note, prepare
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    meta = prepare(args.out, docs=args.docs, seed=args.seed, files=args.files, text_field=args.text_field,
+                   vocab_size=args.vocab_size, tokenizer=tok, families=args.families, heldout=args.heldout)
+    for split, m in meta["splits"].items():
+        print(f"{split:8} {m['documents']:>8,} documents {m['tokens']:>12,} tokens")
+    print(f"vocabulary {meta['vocab_size']}; {perplexity_note(meta)} -> {args.out}")
+
+
+def cmd_pretrain(args):
+    from nanoseek.train.pretrain import main as pretrain
+    pretrain(args)
+
+
+def cmd_cost(args):
+    from nanoseek.cost import GPU_PEAKS, estimate, human
+    margs = _model_args(args)
+    if args.gpu not in GPU_PEAKS:
+        raise NanoseekError(f"unknown --gpu {args.gpu!r}; choose from {', '.join(GPU_PEAKS)}")
+    if GPU_PEAKS[args.gpu][args.precision] is None:
+        raise NanoseekError(f"{args.gpu} has no {args.precision} tensor cores")
+    for name in ("tokens", "gpus", "mfu"):
+        if not getattr(args, name) > 0:
+            raise NanoseekError(f"--{name} must be > 0")
+    if args.mfu > 1:
+        raise NanoseekError(f"--mfu is a fraction in (0, 1], got {args.mfu}")
+    if args.gpu_hours is not None and not args.gpu_hours > 0:
+        raise NanoseekError("--gpu-hours must be > 0")
+    e = estimate(margs, args.tokens, args.gpu, args.gpus, args.mfu, args.seq_len, args.precision,
+                 args.usd_per_gpu_hour, args.gpu_hours)
+    if args.json:
+        print(json.dumps(e))
+        return
+    print(f"{human(args.tokens)} tokens x {human(e['flops_per_token'], 'FLOP')}/token = {e['flops']:.3e} FLOPs "
+          f"(6 x active params + attention, seq {args.seq_len}, MTP included)")
+    print(f"on {args.gpus} x {GPU_PEAKS[args.gpu]['name']} at {100 * args.mfu:.0f}% MFU of the {args.precision} peak "
+          f"({e['peak_flops'] / 1e12:.0f} TFLOP/s): {e['gpu_hours']:,.0f} GPU-hours, {e['days']:.1f} days, "
+          f"${e['usd']:,.0f} at ${args.usd_per_gpu_hour}/GPU-hour")
+    if args.gpu_hours is not None:
+        print(f"published {args.gpu_hours:,.0f} GPU-hours (${e['published_usd']:,.0f}, {e['published_days']:.1f} days "
+              f"on {args.gpus}) implies an MFU of {100 * e['implied_mfu']:.1f}% of the {args.precision} peak")
+
+
 # ---- parser --------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed")
     sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("data", help="prepare a data directory: the embedded reasoning corpus or your files -> "
+                                     "tokenizer + token shards")
+    sp.add_argument("--out", required=True, help="directory to create (must be new or empty)")
+    sp.add_argument("--files", nargs="*", default=[], help="your data: .txt (a document per file), .jsonl, .parquet")
+    sp.add_argument("--text-field", default="text", help="the JSONL field / parquet column holding the text")
+    sp.add_argument("--docs", type=int, default=60000, help="documents of the embedded corpus (without --files)")
+    sp.add_argument("--families", nargs="*", default=None, help="reasoning-gym families to train on")
+    sp.add_argument("--heldout", nargs="*", default=None, help="families kept out of training, for evaluation")
+    sp.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary when training one")
+    sp.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the corpus and the split")
+    sp.set_defaults(fn=cmd_data)
+
+    sp = sub.add_parser("pretrain", help="pretrain a model (also under torchrun --nproc_per_node N)")
+    from nanoseek.train.pretrain import add_args
+    add_args(sp)
+    sp.set_defaults(fn=cmd_pretrain)
+
+    sp = sub.add_parser("cost", help="estimate FLOPs, GPU-hours, days and dollars of a training run, or the MFU a "
+                                     "published GPU-hour figure implies")
+    model_source(sp)
+    sp.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 14.8e12")
+    sp.add_argument("--gpu", default="h100", help="h100, h800, h200 or a100")
+    sp.add_argument("--gpus", type=int, default=1, help="number of GPUs")
+    sp.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation, a fraction")
+    sp.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="the peak the MFU refers to")
+    sp.add_argument("--seq-len", type=int, default=4096, help="sequence length (attention FLOPs)")
+    sp.add_argument("--gpu-hours", type=float, default=None, help="a published GPU-hour figure: report its MFU")
+    sp.add_argument("--usd-per-gpu-hour", type=float, default=2.0, help="price (default $2, DeepSeek's H800 rate)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(fn=cmd_cost)
 
     sp = sub.add_parser("convert", help="load any supported checkpoint (FP8, V2, transformers) and write nanoseek's "
                                         "DeepseekV3ForCausalLM layout (FP8 dequantised)")

@@ -85,3 +85,56 @@ def report(args: ModelArgs, seq_len: int = 4096) -> str:
         f"({kv['naive'] / kv['mla']:.1f}x smaller)",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices, MFU and dollars
+
+# Dense tensor-core peaks in FLOP/s (no 2:4 sparsity), SXM parts. H800 has H100's compute (only NVLink and FP64 cut).
+GPU_PEAKS = {
+    "h100": {"bf16": 989e12, "fp8": 1979e12, "name": "NVIDIA H100 SXM"},
+    "h800": {"bf16": 989e12, "fp8": 1979e12, "name": "NVIDIA H800 SXM"},
+    "h200": {"bf16": 989e12, "fp8": 1979e12, "name": "NVIDIA H200 SXM"},
+    "a100": {"bf16": 312e12, "fp8": None, "name": "NVIDIA A100 SXM"},
+}
+DEFAULT_USD_PER_GPU_HOUR = 2.0  # DeepSeek-V3's own costing of H800 time
+
+
+def gpu_key(device_name: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (None when unknown)."""
+    low = device_name.lower()
+    return next((k for k in GPU_PEAKS if k in low), None)
+
+
+def measure_cpu_peak(dtype=None, n: int = 1024, reps: int = 8) -> float:
+    """The best dense matmul rate of this CPU right now, FLOP/s: the denominator of MFU on CPU."""
+    import time
+
+    import torch
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def estimate(args: ModelArgs, tokens: float, gpu: str, gpus: int, mfu: float, seq_len: int = 4096,
+             precision: str = "bf16", usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR,
+             gpu_hours: float | None = None) -> dict:
+    """FLOPs, GPU-hours, days on `gpus` GPUs and dollars to train `args` on `tokens` at `mfu`; with a published
+    `gpu_hours`, also the MFU that figure implies."""
+    peak = GPU_PEAKS[gpu][precision]
+    flops = flops_per_token(args, seq_len)["training"] * tokens
+    hours = flops / (peak * mfu) / 3600
+    out = {"tokens": tokens, "flops_per_token": flops / tokens, "flops": flops, "gpu": gpu, "gpus": gpus,
+           "peak_flops": peak, "precision": precision, "mfu": mfu, "gpu_hours": hours, "days": hours / gpus / 24,
+           "usd": hours * usd_per_gpu_hour, "usd_per_gpu_hour": usd_per_gpu_hour}
+    if gpu_hours is not None:
+        out.update(published_gpu_hours=gpu_hours, implied_mfu=flops / (gpu_hours * 3600 * peak),
+                   published_usd=gpu_hours * usd_per_gpu_hour, published_days=gpu_hours / gpus / 24)
+    return out

@@ -1,22 +1,183 @@
-"""Text generated locally from `reasoning-gym`'s procedural tasks: no download. A small default corpus for the
-tokenizer and the smoke run; the pretraining work widens it into the full embedded corpus."""
+"""Prepare a data directory: documents -> tokenizer -> token shards.
 
+Documents come from the embedded reasoning corpus (worked solutions of `reasoning-gym` families, generated locally:
+no download) or from the user's files (plain text, JSONL with a text field, parquet). Splits:
+  train    training documents
+  val      held-out documents of the same families (different seed) or a seeded sample of the user's documents
+  heldout  a family never used in training (evaluation only; embedded corpus only)
+Each document is tokenized as [bos] + ids + [eos] and packed back to back into `{split}_{i:05d}.bin` (uint16 when the
+vocabulary fits, else uint32). `meta.json` records the files, token counts and the unigram entropy of the training
+tokens (the loss of the best model that ignores context: the baseline a trained model must beat).
+"""
+
+import json
+import math
 import random
+from pathlib import Path
 
-TASKS = ("basic_arithmetic", "chain_sum", "simple_equations", "count_bits", "letter_counting", "number_sorting",
-         "gsm_symbolic")
+import numpy as np
+
+from nanoseek.errors import NanoseekError
+
+SHARD_TOKENS = 50_000_000  # tokens per shard file
 
 
-def reasoning_texts(n: int, seed: int = 0, tasks=TASKS) -> list[str]:
-    """n question/answer documents drawn round-robin from `tasks` (gsm_symbolic with its worked solution)."""
-    import reasoning_gym
-    per = -(-n // len(tasks))
-    docs = []
-    for i, name in enumerate(tasks):
-        ds = reasoning_gym.create_dataset(name, size=per, seed=seed * 1000 + i)
-        for x in ds:
-            cot = x["metadata"].get("answer_cot")
-            body = f"{cot}\n" if cot else ""
-            docs.append(f"Question: {x['question']}\n{body}Answer: {x['answer']}\n")
+def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
+    """n worked examples drawn evenly from the training families, rendered as text."""
+    from nanoseek.data.tasks import DEFAULT_TRAIN, generate, render
+    families = families or DEFAULT_TRAIN
+    per = -(-n // len(families))
+    docs = [render(ex) for i, f in enumerate(families) for ex in generate(f, per, seed * 1000 + i)]
     random.Random(seed).shuffle(docs)
     return docs[:n]
+
+
+def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[str, list[dict]]:
+    """The embedded corpus: examples (question, answer, steps, family) per split."""
+    from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, FAMILIES, generate
+    families, heldout = tuple(families or DEFAULT_TRAIN), tuple(heldout or DEFAULT_HELDOUT)
+    for f in families + heldout:
+        if f not in FAMILIES:
+            raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
+    if set(families) & set(heldout):
+        raise NanoseekError(f"families {sorted(set(families) & set(heldout))} cannot be both trained and held out")
+    per = -(-docs // len(families))
+    n_val = max(50, per // 20)
+    splits = {"train": [], "val": [], "heldout": []}
+    for i, f in enumerate(families):  # different seeds per split: unseen problems for validation
+        splits["train"] += generate(f, per, seed * 1000 + i)
+        splits["val"] += generate(f, n_val, seed * 1000 + 500 + i)
+    for i, f in enumerate(heldout):
+        splits["heldout"] += generate(f, n_val * 4, seed * 1000 + 900 + i)
+    random.Random(seed).shuffle(splits["train"])
+    return splits
+
+
+def read_user_documents(files, text_field: str = "text") -> list[str]:
+    """Plain text (one document per file), JSONL (one per line, field `text_field`), parquet (column `text_field`)."""
+    docs = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise NanoseekError(f"data file {p} does not exist")
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            try:
+                table = pq.read_table(p, columns=[text_field])
+            except Exception as e:
+                raise NanoseekError(f"{p}: cannot read column '{text_field}' ({str(e).splitlines()[0]})") from None
+            new = [t for t in table.column(text_field).to_pylist() if isinstance(t, str) and t.strip()]
+        else:
+            try:
+                raw = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise NanoseekError(f"{p} is not UTF-8 text") from None
+            if p.suffix in (".jsonl", ".json"):
+                new = []
+                for i, line in enumerate(raw.splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise NanoseekError(f"{p}:{i} is not valid JSON") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                        raise NanoseekError(f"{p}:{i} has no string field '{text_field}'")
+                    if row[text_field].strip():
+                        new.append(row[text_field])
+            else:
+                new = [raw] if raw.strip() else []
+        if not new:
+            raise NanoseekError(f"{p} holds no text")
+        docs += new
+    return docs
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def write_shards(out: Path, split: str, docs: list[str], tok, dtype) -> tuple[list[str], np.ndarray]:
+    """Tokenize and pack; returns the file names and the token counts per id."""
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    files, buf, n = [], [], 0
+
+    def flush():
+        nonlocal buf, n
+        if buf:
+            name = f"{split}_{len(files):05d}.bin"
+            arr = np.concatenate(buf).astype(dtype)
+            arr.tofile(out / name)
+            files.append(name)
+            buf, n = [], 0
+
+    for i in range(0, len(docs), 1000):
+        for enc in tok.tok.encode_batch(docs[i:i + 1000], add_special_tokens=False):
+            ids = np.array([tok.bos_id, *enc.ids, tok.eos_id], dtype=np.int64)
+            counts += np.bincount(ids, minlength=tok.vocab_size)
+            buf.append(ids)
+            n += len(ids)
+            if n >= SHARD_TOKENS:
+                flush()
+    flush()
+    return files, counts
+
+
+def prepare(out, *, docs: int = 20000, seed: int = 0, files=(), text_field: str = "text", vocab_size: int = 4096,
+            tokenizer=None, families=None, heldout=None, val_frac: float = 0.05) -> dict:
+    """Write the data directory `out` (documents, tokenizer, shards, meta.json) and return its meta."""
+    from nanoseek.tokenizer import Tokenizer
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise NanoseekError(f"data directory {out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    if files:
+        texts = read_user_documents(files, text_field)
+        rng = random.Random(seed)
+        rng.shuffle(texts)
+        n_val = max(1, int(len(texts) * val_frac)) if len(texts) > 1 else 0
+        split_docs = {"train": texts[n_val:], "val": texts[:n_val]}
+        examples = {}
+    else:
+        examples = embedded_splits(docs, seed, families, heldout)
+        from nanoseek.data.tasks import render
+        split_docs = {k: [render(ex) for ex in v] for k, v in examples.items()}
+    if not split_docs["train"]:
+        raise NanoseekError("no training documents")
+    tok = tokenizer or Tokenizer.train(split_docs["train"], vocab_size=vocab_size)
+    tok.save(out)
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "seed": seed, "splits": {},
+            "source": "files" if files else "reasoning-gym",
+            "families": list(families or []) or None, "heldout_families": list(heldout or []) or None}
+    for split, d in split_docs.items():
+        if not d:
+            continue
+        names, counts = write_shards(out, split, d, tok, dtype)
+        meta["splits"][split] = {"files": names, "tokens": int(counts.sum()), "documents": len(d)}
+        if split == "train":
+            meta["unigram_entropy"] = unigram_entropy(counts)
+    for split, exs in examples.items():  # the problems themselves, for evaluation and SFT
+        with open(out / f"{split}_problems.jsonl", "w") as f:
+            for ex in exs:
+                f.write(json.dumps({k: ex[k] for k in ("family", "question", "answer", "steps")}) + "\n")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_meta(data_dir) -> dict:
+    p = Path(data_dir) / "meta.json"
+    if not p.is_file():
+        raise NanoseekError(f"{data_dir} is not a nanoseek data directory (no meta.json; make one with nanoseek data)")
+    meta = json.loads(p.read_text())
+    for split in meta["splits"].values():
+        for f in split["files"]:
+            if not (Path(data_dir) / f).is_file():
+                raise NanoseekError(f"{data_dir}: shard {f} is missing")
+    return meta
+
+
+def perplexity_note(meta: dict) -> str:
+    h = meta.get("unigram_entropy")
+    return f"unigram baseline {h:.3f} nats/token (ppl {math.exp(h):.1f})" if h else ""

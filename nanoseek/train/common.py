@@ -1,0 +1,202 @@
+"""What every training loop shares: AdamW parameter groups, the LR schedule, training checkpoints (model in the
+published layout + optimizer + loop state, written atomically, last k kept, newest complete one found on resume),
+metrics as JSONL, and the progress display."""
+
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.checkpoint import atomic_dir, write_model_files
+from nanoseek.errors import NanoseekError
+
+CKPT_RE = re.compile(r"^step_(\d{6,})$")
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------------------------------
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices; none on norms, biases and embeddings (the router bias is a buffer, never
+    touched by the optimizer). Each group also lists its parameter names, for checkpoints."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith("norm.weight") or "embed_tokens" in name or name.endswith(".bias"):
+            no_decay.append((name, p))
+        else:
+            decay.append((name, p))
+    return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
+            for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: float, decay_frac: float) -> float:
+    """Linear warmup, then `cosine` to min_ratio, or `wsd` (warmup-stable-decay): constant, then linear to min_ratio
+    over the last decay_frac of the steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        p = (step - warmup) / max(1, max_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    decay_start = max_steps - int(decay_frac * max_steps)
+    if step < decay_start:
+        return 1.0
+    p = (step - decay_start) / max(1, max_steps - decay_start)
+    return 1.0 - (1.0 - min_ratio) * min(1.0, p)
+
+
+# ---- training checkpoints ------------------------------------------------------------------------------------------
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().to("cpu").contiguous()
+
+
+def gather_full(model, opt) -> dict:
+    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters."""
+    tensors, groups = {}, []
+    for g in opt.param_groups:
+        groups.append({k: v for k, v in g.items() if k != "params"})
+        for name, p in zip(g["names"], g["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"{name}::{k}"] = _full(v)
+    return {"model": {k: _full(v) for k, v in model.state_dict().items()}, "optimizer": tensors, "groups": groups}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    if len(groups) != len(opt.param_groups):
+        raise NanoseekError("the checkpoint's optimizer has a different parameter grouping")
+    for g, saved in zip(opt.param_groups, groups):
+        if saved["names"] != g["names"]:
+            raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        for name, p in zip(g["names"], g["params"]):
+            state = {}
+            for k, v in tensors.items():
+                if not k.startswith(name + "::"):
+                    continue
+                v = v.to(p.device)
+                if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP: keep only this rank's shard
+                    from torch.distributed.tensor import distribute_tensor
+                    v = distribute_tensor(v, p.device_mesh, p.placements)
+                state[k.split("::", 1)[1]] = v
+            if state:
+                opt.state[p] = state
+
+
+def save_training_checkpoint(run_dir: Path, step: int, model, full: dict, state: dict, tokenizer=None,
+                             keep: int = 3) -> Path:
+    """checkpoints/step_{step:06d}/ = the model (published layout) + optimizer.safetensors + train_state.json,
+    written to a temporary directory and renamed when complete; then all but the newest `keep` are removed.
+    `full` comes from gather_full."""
+    root = Path(run_dir) / "checkpoints"
+
+    def write(tmp: Path):
+        write_model_files(model, tmp, tokenizer, state_dict=full["model"])
+        save_file(full["optimizer"], tmp / "optimizer.safetensors")
+        (tmp / "train_state.json").write_text(json.dumps({**state, "step": step, "optimizer_groups": full["groups"]},
+                                                         indent=1) + "\n")  # written last
+
+    path = atomic_dir(root / f"step_{step:06d}", write)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory only gets its step_ name once fully written)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "train_state.json").is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name)[1]))
+
+
+def read_training_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    state = json.loads((path / "train_state.json").read_text())
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return state, tensors
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        s["cuda"] = [t.tolist() for t in torch.cuda.get_rng_state_all()]
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in s["cuda"]])
+
+
+# ---- metrics and progress ------------------------------------------------------------------------------------------
+
+class Metrics:
+    """Appends one JSON object per line; on resume, lines past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class Progress:
+    """A live bar on a terminal; plain lines every `every` steps otherwise (logs, CI)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every: int = 10, desc: str = "train"):
+        self.total, self.enabled, self.every = total, enabled, every
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        self.t0, self.start = time.time(), start
+
+    def update(self, step: int, fields: dict) -> None:
+        if not self.enabled:
+            return
+        text = "  ".join(f"{k} {v}" for k, v in fields.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.start
+            eta = (time.time() - self.t0) / max(1, done) * (self.total - step)
+            print(f"step {step}/{self.total}  {text}  eta {eta / 60:.1f}m", flush=True)
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
