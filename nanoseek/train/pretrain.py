@@ -121,12 +121,14 @@ def samples(model, tok, problems: list[dict], n_tokens: int = 64) -> list[dict]:
     """Greedy continuations of 'Problem: ...\\nSolution:\\n' for a few held-out problems."""
     rows = []
     device = model.lm_head.weight.device
+    model.eval()  # also keeps the router's load counts (the bias update's input) free of these forwards
     for ex in problems:
         prompt = f"Problem: {ex['question'].strip()}\nSolution:\n"
         ids = torch.tensor([tok.encode(prompt, bos=True)], device=device)
         out = model.generate(ids, n_tokens, eos_token_id=tok.eos_id)
         text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
         rows.append({"family": ex["family"], "question": ex["question"], "expected": ex["answer"], "completion": text})
+    model.train()
     return rows
 
 
