@@ -199,14 +199,14 @@ def atomic_dir(path: Path, write, replace: bool = True) -> Path:
     return path
 
 
-def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None) -> Path:
     """Write model (+ tokenizer) to directory `path` atomically. An existing checkpoint there is replaced as a whole;
     a non-empty directory that is not a checkpoint is refused, so nothing of the user's is ever overwritten."""
     path = Path(path)
     _parse_size(max_shard_size)  # a bad size is reported before anything is written
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists())):
         raise NanoseekError(f"refusing to overwrite {path}: it exists and is not a checkpoint directory")
-    return atomic_dir(path, lambda tmp: write_model_files(model, tmp, tokenizer, max_shard_size))
+    return atomic_dir(path, lambda tmp: write_model_files(model, tmp, tokenizer, max_shard_size, state_dict))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

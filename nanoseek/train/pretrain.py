@@ -276,6 +276,7 @@ def main(args) -> dict:
               f"{meta['splits']['train']['tokens']:,} training tokens; "
               f"unigram baseline {meta.get('unigram_entropy', float('nan')):.3f}", flush=True)
     progress = Progress(args.max_steps, step, d.main, args.log_every)
+    last_eval = {}
     model.train()
     t_start = time.time()
     sync = (lambda: torch.cuda.synchronize()) if d.device.type == "cuda" else (lambda: None)
@@ -339,7 +340,7 @@ def main(args) -> dict:
             for k in losses:
                 all_reduce(losses[k])
                 losses[k] /= d.world
-            ev = {"step": step, **{f"{k}_loss": v.item() for k, v in losses.items()}}
+            ev = last_eval = {"step": step, **{f"{k}_loss": v.item() for k, v in losses.items()}}
             # under FSDP every rank must run the forwards; otherwise the main rank alone generates
             rows = samples(raw, tok, problems) if problems and (d.main or args.parallel == "fsdp") else []
             if d.main:
@@ -356,8 +357,14 @@ def main(args) -> dict:
     progress.close()
     wall = wall_before + time.time() - t_start
     result = ledger(wall)
+    final = gather_full(raw, opt)["model"]  # collective under FSDP
     if d.main:
-        raw.save_pretrained(out / "model", tokenizer=tok)
+        from nanoseek.checkpoint import save_pretrained
+        save_pretrained(raw, out / "model", tokenizer=tok, state_dict=final)
+        if last_eval:
+            print("held-out loss " + ", ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in last_eval.items()
+                                               if k != "step")
+                  + f" vs the unigram baseline {meta.get('unigram_entropy', float('nan')):.3f} nats/token")
         print(f"model: {out / 'model'}  (from_pretrained('{out / 'model'}'))")
         print(f"cost: {result['tokens']:,} tokens, {result['training_flops']:.3g} FLOPs, {wall / 60:.1f} min on "
               f"{d.world} x {dev_name}, MFU {100 * (result['mfu'] or 0):.1f}%, {result['device_hours']:.3f} "
