@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--sizes", nargs="*", default=["tiny", "cpu-large"], choices=list(SIZES), help="model sizes")
-    ap.add_argument("--reps", type=int, default=3, help="timed steps per path (median)")
+    ap.add_argument("--reps", type=int, default=7, help="timed steps per path (median)")
     args = ap.parse_args()
     import transformers
     device = torch.device(args.device)
