@@ -10,5 +10,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-out/speedrun}
 .venv/bin/nanoseek pretrain --preset tiny --out "$OUT" --resume auto "$@"
 echo
-echo "try it:  .venv/bin/nanoseek generate --checkpoint $OUT/model --prompt 'Problem: Calculate 12 + 7.' "\
-"--temperature 0 --max-new-tokens 40"
+echo "try it:  .venv/bin/nanoseek generate --checkpoint $OUT/model --temperature 0 --max-new-tokens 40 \\"
+echo "           --prompt \$'Problem: Spell this word backward (example: sun -> nus): water\\nSolution:\\n'"

@@ -235,10 +235,8 @@ def main(args) -> dict:
     wall_before = state.get("wall_seconds", 0.0)
     skipped = state.get("skipped_steps", 0)
     tokens_seen = state.get("tokens", 0)
-    metrics = Metrics(out / "metrics.jsonl", resume_step=step if resuming else None, enabled=d.main)
-    for name in ("eval.jsonl", "samples.jsonl"):
-        if d.main and not resuming:
-            (out / name).write_text("")
+    metrics, eval_log, sample_log = (Metrics(out / name, resume_step=step if resuming else None, enabled=d.main)
+                                     for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"))
 
     def ledger(wall: float) -> dict:
         flops = fpt * tokens_seen
@@ -343,12 +341,10 @@ def main(args) -> dict:
             ev = last_eval = {"step": step, **{f"{k}_loss": v.item() for k, v in losses.items()}}
             # under FSDP every rank must run the forwards; otherwise the main rank alone generates
             rows = samples(raw, tok, problems) if problems and (d.main or args.parallel == "fsdp") else []
+            eval_log.write(ev)
+            for r in rows:
+                sample_log.write({"step": step, **r})
             if d.main:
-                with open(out / "eval.jsonl", "a") as f:
-                    f.write(json.dumps(ev) + "\n")
-                with open(out / "samples.jsonl", "a") as f:
-                    for r in rows:
-                        f.write(json.dumps({"step": step, **r}) + "\n")
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k != "step"))
                 for r in rows[:2]:
                     progress.write(f"  {r['question'][:60]!r} -> {r['completion'][:80]!r}")
