@@ -54,6 +54,43 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
 
+    def forward_cached(self, x, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True):
+        """Attention with the latent cache, for prefill and decode.
+
+        x [n, T, D] are the next T tokens of n sequences held in cache rows `slots` [n], sequence i starting at
+        position start[i]. Their c_kv / k_pe are written to cache_kv [slots_total, S, kv_lora_rank] and
+        cache_pe [slots_total, S, rope] at those positions; each query then attends to every cached position up to its
+        own. absorb=True: W_UK is folded into the query and W_UV applied after attention, so attention runs over the
+        latent itself (cost per key: kv_lora_rank + rope). absorb=False: the latent is expanded to per-head k and v
+        (the naive form, kept for checking). Both read and write the same cache.
+        """
+        n, T, _ = x.shape
+        H, dn, dv, r = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        q_nope, q_pe = self.query(x, cos, sin)  # (n, T, H, dn), (n, T, H, dr)
+        c_kv, k_pe = self.compress_kv(x, cos, sin)  # (n, T, r), (n, T, dr)
+        pos = start[:, None] + torch.arange(T, device=x.device)  # (n, T)
+        cache_kv[slots[:, None], pos] = c_kv.to(cache_kv.dtype)
+        cache_pe[slots[:, None], pos] = k_pe.to(cache_pe.dtype)
+        S = int(pos.max()) + 1
+        kv, pe = cache_kv[slots, :S].to(x.dtype), cache_pe[slots, :S].to(x.dtype)  # (n, S, r), (n, S, dr)
+        allowed = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
+        w = self.kv_b_proj.weight.view(H, dn + dv, r)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # (H, dn, r), (H, dv, r)
+        if absorb:
+            q_abs = torch.einsum("nthd,hdr->nthr", q_nope, w_uk)  # W_UK absorbed into the query
+            scores = torch.einsum("nthr,nsr->nhts", q_abs, kv) + torch.einsum("nthd,nsd->nhts", q_pe, pe)
+            p = (scores.float() * self.softmax_scale).masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+            o_lat = torch.einsum("nhts,nsr->nthr", p.to(x.dtype), kv)  # attention over the latent
+            o = torch.einsum("nthr,hvr->nthv", o_lat, w_uv)  # W_UV applied after attention
+        else:
+            k_nope = torch.einsum("nsr,hdr->nshd", kv, w_uk)
+            v = torch.einsum("nsr,hvr->nshv", kv, w_uv)
+            k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=allowed[:, None], scale=self.softmax_scale).transpose(1, 2)
+        return self.o_proj(o.reshape(n, T, H * dv))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
         """x [B, T, D]; cos/sin [B or 1, T, rope/2]; mask: None for causal, else bool/additive [B, 1, T, T]."""
         B, T, _ = x.shape

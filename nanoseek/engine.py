@@ -1,0 +1,247 @@
+"""The inference engine: a latent KV cache, prefill and decode, continuous batching, sampling, thinking budgets.
+
+The cache is MLA's: per layer and token only the normed latent c_KV (`kv_lora_rank`) and the rotated shared key k_R
+(`qk_rope_head_dim`) — 576 numbers per layer for V3, where a naive cache of per-head k and v would hold
+H·(qk_head_dim + v_head_dim). Decode uses the absorbed attention (MLA.forward_cached, absorb=True); the naive form
+reads the same cache and is kept for checking.
+
+Continuous batching: the cache has `max_batch` rows ("slots"). Each `step()` admits waiting requests into free slots
+(prefill: the whole prompt in one forward), then decodes one token for every running request in one batched forward;
+finished or aborted requests free their slot at once, so new ones join a batch that keeps running.
+
+Per request: temperature, top-k, top-p, a seed (its own generator, so a sample does not depend on its batch), stop
+strings and token ids, max tokens, logprobs, and a thinking budget: generation that starts inside `<think>` (the R1
+template opens it) may think for at most `thinking_budget` tokens; then the engine writes `</think>` itself and the
+model goes on to answer — the serve-time knob of test-time scaling.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.errors import NanoseekError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely alternatives
+    thinking_budget: int | None = None  # max tokens inside <think> ... </think>
+
+    def validate(self) -> "SamplingParams":
+        if self.max_tokens < 1:
+            raise NanoseekError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 10:
+            raise NanoseekError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise NanoseekError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise NanoseekError(f"top_k must be >= 0, got {self.top_k}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise NanoseekError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+        return self
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    slot: int | None = None
+    thinking: bool = False  # inside <think> ... </think> right now
+    thinking_tokens: int = 0
+    generator: torch.Generator | None = None
+    new_tokens: int = 0  # tokens added by the last step (for streaming)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class KVCache:
+    """Latent cache rows [layers, slots, max_len, kv_lora_rank] and [layers, slots, max_len, qk_rope_head_dim]."""
+
+    def __init__(self, args, slots: int, max_len: int, device, dtype):
+        L = args.num_hidden_layers
+        self.kv = torch.zeros(L, slots, max_len, args.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(L, slots, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    @property
+    def bytes_per_token(self) -> int:
+        L = self.kv.shape[0]
+        return L * (self.kv.shape[-1] * self.kv.element_size() + self.pe.shape[-1] * self.pe.element_size())
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, absorb: bool = True,
+                 dtype=None):
+        self.model = model.eval()
+        self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.args = model.args
+        self.max_len = min(max_len or self.args.max_position_embeddings, self.args.max_position_embeddings)
+        self.device = model.lm_head.weight.device
+        self.cache = KVCache(self.args, max_batch, self.max_len, self.device, dtype or model.lm_head.weight.dtype)
+        self.absorb = absorb
+        self.free = list(range(max_batch))
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self.eos = self.tok.eos_id if self.tok is not None else self.args.eos_token_id
+
+    # ---- requests ----
+    def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        params = (params or SamplingParams()).validate()
+        if not prompt:
+            raise NanoseekError("the prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise NanoseekError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}")
+        if any(not 0 <= t < self.args.vocab_size for t in prompt):
+            raise NanoseekError("the prompt holds token ids outside the vocabulary")
+        if params.stop and self.tok is None:
+            raise NanoseekError("stop strings need a tokenizer")
+        r = Request(next(self._ids), list(prompt), params)
+        if params.seed is not None:
+            r.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.tok is not None and self.tok.think_id is not None:  # does generation start inside a thought?
+            last_open = max((i for i, t in enumerate(prompt) if t == self.tok.think_id), default=-1)
+            last_close = max((i for i, t in enumerate(prompt) if t == self.tok.end_think_id), default=-1)
+            r.thinking = last_open > last_close
+        self.waiting.append(r)
+        return r
+
+    def abort(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, "abort")
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.finish_reason is None:
+            r.finish_reason = reason
+        if r in self.running:
+            self.running.remove(r)
+        if r.slot is not None:
+            self.free.append(r.slot)
+            r.slot = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the model ----
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, absorb: bool) -> torch.Tensor:
+        """ids [n, T] at positions start[i] + t of cache rows `slots` -> logits [n, T, V] (writes the cache)."""
+        m = self.model
+        pos = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+        cos, sin = m.rotary(pos)
+        x = m.embed_tokens(ids)
+        for l, layer in enumerate(m.layers):
+            x = x + layer.self_attn.forward_cached(layer.input_layernorm(x), cos, sin, self.cache.kv[l],
+                                                   self.cache.pe[l], slots, start, absorb)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return m.lm_head(m.norm(x))
+
+    # ---- sampling ----
+    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+        p = r.params
+        if r.thinking and p.thinking_budget is not None and r.thinking_tokens >= p.thinking_budget:
+            return self.tok.end_think_id  # the budget is spent: close the thought
+        logits = logits.float()
+        if p.temperature == 0:
+            tok = int(logits.argmax())
+        else:
+            z = logits / p.temperature
+            if p.top_k:
+                kth = z.topk(min(p.top_k, z.numel())).values[-1]
+                z = z.masked_fill(z < kth, float("-inf"))
+            if p.top_p < 1:
+                sz, si = z.sort(descending=True)
+                cum = sz.softmax(-1).cumsum(-1)
+                cut = cum - sz.softmax(-1) >= p.top_p  # drop tokens once the mass before them reaches top_p
+                z = z.index_fill(0, si[cut], float("-inf"))
+            tok = int(torch.multinomial(z.softmax(-1), 1, generator=r.generator))
+        if p.logprobs is not None:
+            lp = logits.log_softmax(-1)
+            top = lp.topk(p.logprobs) if p.logprobs else None
+            r.logprobs.append({"token": tok, "logprob": float(lp[tok]),
+                               "top": [(int(i), float(v)) for v, i in zip(*top)] if top else []})
+        return tok
+
+    def _accept(self, r: Request, tok: int) -> None:
+        """Append a sampled token; apply the stop rules."""
+        r.output.append(tok)
+        r.new_tokens += 1
+        if r.thinking:
+            if tok == self.tok.end_think_id:
+                r.thinking = False
+            else:
+                r.thinking_tokens += 1
+        p = r.params
+        if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._finish(r, "stop")
+        if p.stop:
+            r.text = self.tok.decode(r.output)
+            hits = [i for i in (r.text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                r.text = r.text[:min(hits)]
+                return self._finish(r, "stop")
+        if len(r.output) >= p.max_tokens or len(r.prompt) + len(r.output) >= self.max_len:
+            self._finish(r, "length")
+
+    # ---- scheduling ----
+    def step(self) -> list[Request]:
+        """Admit waiting requests (prefill), then decode one token for all running ones. Returns the requests that
+        got tokens or finished in this step."""
+        touched = []
+        for r in self.running:
+            r.new_tokens = 0
+        while self.waiting and self.free:
+            r = self.waiting.pop(0)
+            r.slot, r.new_tokens = self.free.pop(0), 0
+            ids = torch.tensor([r.prompt], device=self.device)
+            logits = self.forward(ids, torch.tensor([r.slot], device=self.device),
+                                  torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
+            self.running.append(r)
+            self._accept(r, self._sample(r, logits[0, -1]))
+            touched.append(r)
+        batch = [r for r in self.running if r not in touched]
+        if batch:
+            ids = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
+            slots = torch.tensor([r.slot for r in batch], device=self.device)
+            start = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in batch], device=self.device)
+            logits = self.forward(ids, slots, start, absorb=self.absorb)
+            for r, lg in zip(batch, logits[:, -1]):
+                self._accept(r, self._sample(r, lg))
+                touched.append(r)
+        for r in touched:
+            if r.done and self.tok is not None and not r.text:
+                r.text = self.text(r)
+        return touched
+
+    def text(self, r: Request) -> str:
+        """The generated text, without the end-of-sequence token."""
+        return self.tok.decode(r.output[:-1] if r.output and r.output[-1] == self.eos else r.output)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None):
+        """Run prompts to completion (batched, continuous); returns their Requests in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_work:
+            self.step()
+        for r in reqs:
+            if self.tok is not None and not r.text:
+                r.text = self.text(r)
+        return reqs

@@ -1,0 +1,157 @@
+"""The engine: greedy decoding with the latent cache (absorbed and naive attention) equals greedy decoding by repeated
+full forwards; batches of different lengths and requests that join a running batch give the same tokens as each
+alone; seeded sampling is reproducible and independent of the batch; top-k/top-p keep the right tokens; stop rules;
+the thinking budget closes the thought; the cache holds kv_lora_rank + qk_rope_head_dim numbers per token per layer."""
+
+import pytest
+import torch
+
+from nanoseek import ModelArgs, build_model
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import Tokenizer
+
+CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+           num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+           qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, max_position_embeddings=128,
+           num_nextn_predict_layers=1, torch_dtype="float32",
+           rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0,
+                         "mscale_all_dim": 1.0})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(ModelArgs.from_dict(CFG).validate()).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy choices are not near-ties
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.mul_(4)
+    return m
+
+
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 11, 2, 17)]
+
+
+def greedy_reference(model, prompt, n):
+    ids = torch.tensor([prompt])
+    return model.generate(ids, n)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_greedy_equals_full_forwards(model, absorb):
+    eng = Engine(model, max_batch=4, absorb=absorb)
+    eng.eos = -1  # random weights: never stop early
+    outs = eng.generate(prompts(), SamplingParams(max_tokens=12, temperature=0))
+    for p, r in zip(prompts(), outs):
+        assert r.output == greedy_reference(model, p, 12)
+        assert r.finish_reason == "length"
+
+
+def test_absorbed_equals_naive_logits(model):
+    a, b = Engine(model, max_batch=2, absorb=True), Engine(model, max_batch=2, absorb=False)
+    ids = torch.tensor([prompts()[1], prompts()[3][:11]])
+    slots, start = torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
+    la, lb = a.forward(ids, slots, start, True), b.forward(ids, slots, start, False)
+    assert torch.allclose(la, lb, atol=1e-4)
+    assert torch.allclose(la, model(ids), atol=1e-4)  # and both equal the training-form forward
+
+
+def test_continuous_batching_equals_alone(model):
+    eng = Engine(model, max_batch=2)
+    eng.eos = -1
+    ps = prompts()
+    reqs = [eng.add(ps[0], SamplingParams(max_tokens=9, temperature=0)),
+            eng.add(ps[1], SamplingParams(max_tokens=4, temperature=0))]
+    eng.step(), eng.step()
+    reqs.append(eng.add(ps[2], SamplingParams(max_tokens=7, temperature=0)))  # waits for a free slot
+    reqs.append(eng.add(ps[3], SamplingParams(max_tokens=5, temperature=0)))
+    while eng.has_work:
+        eng.step()
+        assert len(eng.running) <= 2
+    for p, r in zip(ps, reqs):
+        assert r.output == greedy_reference(model, p, r.params.max_tokens)
+    assert sorted(eng.free) == [0, 1]
+
+
+def test_seeded_sampling_independent_of_batch(model):
+    sp = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+    alone = Engine(model, max_batch=1)
+    alone.eos = -1
+    a = alone.generate([prompts()[0]], sp)[0].output
+    crowd = Engine(model, max_batch=4)
+    crowd.eos = -1
+    ps = prompts()
+    outs = crowd.generate(ps[1:] + ps[:1], [SamplingParams(max_tokens=10, temperature=1.0, seed=i) for i in range(3)]
+                          + [sp])
+    assert outs[3].output == a
+    again = Engine(model, max_batch=1)
+    again.eos = -1
+    assert again.generate([ps[0]], sp)[0].output == a
+
+
+def test_top_k_top_p_by_hand(model):
+    eng = Engine(model)
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0, -1.0])
+    for seed in range(30):
+        r = eng.add([1], SamplingParams(temperature=1.0, top_k=2, seed=seed))
+        assert eng._sample(r, logits) in (1, 2)
+        # probabilities 0.64, 0.24, 0.09, ...: top_p 0.7 keeps the two most likely
+        r = eng.add([1], SamplingParams(temperature=1.0, top_p=0.7, seed=seed))
+        assert eng._sample(r, logits) in (1, 2)
+        r = eng.add([1], SamplingParams(temperature=1.0, top_p=0.5, seed=seed))
+        assert eng._sample(r, logits) == 1
+    r = eng.add([1], SamplingParams(temperature=0, logprobs=2))
+    assert eng._sample(r, logits) == 1
+    lp = logits.log_softmax(-1)
+    assert abs(r.logprobs[0]["logprob"] - lp[1].item()) < 1e-6 and [t for t, _ in r.logprobs[0]["top"]] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from nanoseek.data.corpus import reasoning_texts
+    return Tokenizer.train(reasoning_texts(200, seed=1), vocab_size=300)
+
+
+def test_thinking_budget_and_stops(model, tok):
+    eng = Engine(model, tokenizer=tok, max_batch=2)
+    eng.eos = -1
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])  # ends inside <think>
+    for budget in (0, 3, 7):
+        r = eng.generate([prompt], SamplingParams(max_tokens=15, temperature=1.0, seed=3,
+                                                  thinking_budget=budget))[0]
+        closes = [i for i, t in enumerate(r.output) if t == tok.end_think_id]
+        assert closes and closes[0] <= budget  # the thought is closed within the budget
+        assert r.thinking_tokens <= budget
+    r = eng.generate([prompt], SamplingParams(max_tokens=15, temperature=0, stop_token_ids=(tok.end_think_id,),
+                                              thinking_budget=2))[0]
+    assert r.output[-1] == tok.end_think_id and r.finish_reason == "stop" and len(r.output) <= 3
+    free = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    text = tok.decode(free.output)
+    stop = text[3:6]
+    if stop.strip():
+        r = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=(stop,)))[0]
+        assert r.finish_reason == "stop" and stop not in r.text and text.startswith(r.text)
+
+
+def test_cache_size_and_bad_requests(model):
+    eng = Engine(model, max_batch=2)
+    a = model.args
+    assert eng.cache.bytes_per_token == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
+    with pytest.raises(NanoseekError):
+        eng.add([], SamplingParams())
+    with pytest.raises(NanoseekError):
+        eng.add([1] * 200, SamplingParams())
+    with pytest.raises(NanoseekError):
+        eng.add([1], SamplingParams(top_p=0))
+    with pytest.raises(NanoseekError):
+        eng.add([1], SamplingParams(temperature=-1))
+    with pytest.raises(NanoseekError):
+        eng.add([5000], SamplingParams())
+    r = eng.add([1, 2, 3], SamplingParams(max_tokens=50))
+    eng.step()
+    eng.abort(r)
+    assert r.finish_reason == "abort" and sorted(eng.free) == [0, 1] and not eng.has_work
