@@ -117,9 +117,21 @@ class Experts(nn.Module):
             y.index_add_(0, tok, (F.silu(gate) * up @ self.down_proj[e].T) * weights[tok, slot, None].to(x.dtype))
         return y
 
+    def gathered(self, x, weights, indices):
+        """Few tokens (decoding): gather each (token, expert) pair's weights and run one batched matmul, instead of
+        a grouped GEMM that would visit every expert, most of them with no token."""
+        N, K = indices.shape
+        flat = indices.flatten()
+        xs = x.repeat_interleave(K, dim=0)[:, None, :]  # [N*K, 1, D]
+        gate, up = (xs @ self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        h = F.silu(gate) * up * weights.flatten()[:, None, None].to(x.dtype)
+        return (h @ self.down_proj[flat].transpose(1, 2)).view(N, K, -1).sum(1)
+
     def grouped(self, x, weights, indices):
         """Sort the N·K (token, expert) pairs by expert, then one grouped GEMM per projection."""
         E, K = self.gate_up_proj.shape[0], indices.shape[1]
+        if indices.numel() < E and not torch.is_grad_enabled():
+            return self.gathered(x, weights, indices)
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         token = order // K  # the token of each sorted pair

@@ -1,0 +1,119 @@
+"""Decoding, side by side in one run on the same weights: nanoseek's engine (latent cache, absorbed MLA) against
+`transformers`' `generate` (DynamicCache, naive MLA) at batch 1; the KV-cache bytes per token of both forms against
+the formula; batched throughput of the engine at batch 1, 8 and 32.
+
+    .venv/bin/python bench/decode.py
+    .venv/bin/python bench/decode.py --device cuda --sizes small
+
+Greedy, eos ignored, `--new` tokens after a `--prompt`-token prompt. Outputs are checked equal first.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from nanoseek.config import ModelArgs, get_preset  # first: nanoseek sets torch's CPU allocator options
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import build_model
+
+import torch
+
+SIZES = {
+    "tiny": dict(),
+    "cpu-large": dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384,
+                      kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                      n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+                      first_k_dense_replace=1, max_position_embeddings=2048),
+    "small": None,
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", nargs="*", default=["tiny", "cpu-large"], choices=list(SIZES))
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="generated tokens")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import transformers
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    print(f"device {device}, torch {torch.__version__}, transformers {transformers.__version__}, {dtype}, "
+          f"{torch.get_num_threads()} threads; prompt {args.prompt}, new {args.new}, greedy")
+    for size in args.sizes:
+        base = get_preset("small").to_dict() if SIZES[size] is None else {**get_preset("tiny").to_dict(),
+                                                                           **SIZES[size]}
+        margs = ModelArgs.from_dict({**base, "num_nextn_predict_layers": 0, "torch_dtype": str(dtype)[6:]})
+        torch.manual_seed(0)
+        model = build_model(margs.validate(), device=device, dtype=dtype).eval()
+        with torch.no_grad():  # sharper logits than the 0.02 init: greedy paths without near-ties
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.mul_(3)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(3, margs.vocab_size, (args.prompt,), generator=g).tolist()
+        sp = SamplingParams(max_tokens=args.new, temperature=0, ignore_eos=True)
+
+        def ours():
+            eng = Engine(model, max_batch=1, max_len=args.prompt + args.new + 1)
+            return eng.generate([prompt], sp)[0].output
+
+        def theirs():
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=args.new,
+                                  min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return out[0, args.prompt:].tolist()
+
+        a, b = ours(), theirs()
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        times = {"nanoseek engine": [], "transformers generate": []}
+        for _ in range(args.reps):
+            for name, fn in (("nanoseek engine", ours), ("transformers generate", theirs)):
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t)
+        t_ns, t_hf = (statistics.median(times[k]) for k in times)
+        print(f"\n[{size}] greedy outputs agree on the first {agree} of {args.new} tokens")
+        print(f"  bs=1  nanoseek engine        {args.new / t_ns:8.1f} tok/s   (prefill + {args.new} decode steps, "
+              f"{t_ns:.2f} s)")
+        print(f"  bs=1  transformers generate  {args.new / t_hf:8.1f} tok/s   ({t_hf:.2f} s)   -> nanoseek "
+              f"{t_hf / t_ns:.2f}x")
+        eng = Engine(model, max_batch=1, max_len=args.prompt + args.new + 1)
+        el = eng.cache.kv.element_size()
+        mla = margs.num_hidden_layers * (margs.kv_lora_rank + margs.qk_rope_head_dim) * el
+        naive = margs.num_hidden_layers * margs.num_attention_heads * (margs.qk_head_dim + margs.v_head_dim) * el
+        from transformers import DynamicCache
+        cache = DynamicCache(config=hf.config)
+        with torch.no_grad():
+            hf(torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+        hf_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
+                       for t in (layer.keys, layer.values) if t is not None) / args.prompt
+        print(f"  KV cache bytes/token: nanoseek {eng.cache.bytes_per_token} (formula L·(kv_lora_rank + rope)·"
+              f"{el} = {mla}); naive per-head k,v formula {naive}; transformers' DynamicCache holds "
+              f"{hf_bytes:.0f} ({hf_bytes / eng.cache.bytes_per_token:.1f}x ours)")
+        for bs in (1, 8, 32):
+            eng = Engine(model, max_batch=bs, max_len=args.prompt + args.new + 1)
+            prompts = [torch.randint(3, margs.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(bs)]
+            sync(device)
+            t = time.perf_counter()
+            eng.generate(prompts, sp)
+            sync(device)
+            dt = time.perf_counter() - t
+            print(f"  batch {bs:3d}: {bs * args.new / dt:9.1f} tok/s aggregate ({dt:.2f} s for {bs} x {args.new})")
+
+
+if __name__ == "__main__":
+    main()
