@@ -100,6 +100,11 @@ def cmd_generate(args):
     print(tok.decode(out[0, len(ids):].tolist()))
 
 
+def cmd_chat(args):
+    from nanoseek.chat import main as chat
+    chat(args)
+
+
 def cmd_convert(args):
     import torch
     from nanoseek.checkpoint import from_pretrained
@@ -275,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.set_defaults(fn=cmd_cost)
 
+    sp = sub.add_parser("chat", help="chat with a checkpoint: streamed, thinking shown apart (one-shot or interactive)")
+    from nanoseek.chat import add_args as chat_args
+    chat_args(sp)
+    sp.set_defaults(fn=cmd_chat)
+
     sp = sub.add_parser("convert", help="load any supported checkpoint (FP8, V2, transformers) and write nanoseek's "
                                         "DeepseekV3ForCausalLM layout (FP8 dequantised)")
     sp.add_argument("src", help="source checkpoint directory")
@@ -286,10 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_ranges(args):
-    for name in ("docs", "vocab_size", "max_new_tokens", "seq_len", "top_k"):
+    for name in ("docs", "vocab_size", "max_new_tokens", "seq_len", "max_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "top_k", None) is not None and args.top_k < 0:
+        raise NanoseekError(f"--top-k must be >= 0, got {args.top_k}")
+    if getattr(args, "think_budget", None) is not None and args.think_budget < 0:
+        raise NanoseekError(f"--think-budget must be >= 0, got {args.think_budget}")
+    if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
+        raise NanoseekError(f"--top-p must be in (0, 1], got {args.top_p}")
     t = getattr(args, "temperature", None)
     if t is not None and t < 0:
         raise NanoseekError(f"--temperature must be >= 0, got {t}")

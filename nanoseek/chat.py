@@ -1,0 +1,109 @@
+"""`nanoseek chat`: talk to a checkpoint in the terminal, the thinking shown dimmed and apart from the answer.
+
+`Splitter` turns the stream of generated token ids into text deltas tagged `reasoning` (between `<think>` and
+`</think>`) or `content` (the rest), as DeepSeek's API splits `reasoning_content` from `content`. It works on token
+ids, where `</think>` is one token, so a tag can never be cut in half between two chunks; text is held back while it
+ends inside a multi-byte character.
+"""
+
+import sys
+
+from nanoseek.errors import NanoseekError
+
+
+class Splitter:
+    def __init__(self, tok, thinking: bool):
+        self.tok, self.thinking = tok, thinking
+        self.ids = {"reasoning": [], "content": []}
+        self.sent = {"reasoning": 0, "content": 0}  # characters already emitted
+
+    def feed(self, ids: list[int], final: bool = False) -> list[tuple[str, str]]:
+        """New token ids -> [(kind, text delta)]."""
+        for t in ids:
+            if t == self.tok.think_id and not self.ids["content"]:
+                self.thinking = True
+            elif t == self.tok.end_think_id:
+                self.thinking = False
+            elif t != self.tok.eos_id:
+                self.ids["reasoning" if self.thinking else "content"].append(t)
+        out = []
+        for kind in ("reasoning", "content"):
+            text = self.tok.decode(self.ids[kind])
+            if kind == "content" and not self.sent["content"]:
+                text = text.lstrip("\n")  # the template's "</think>\n\n" separator
+            if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
+                text = text[: -1]
+            if len(text) > self.sent[kind]:
+                out.append((kind, text[self.sent[kind]:]))
+                self.sent[kind] = len(text)
+        return out
+
+    def texts(self) -> tuple[str, str]:
+        reasoning = self.tok.decode(self.ids["reasoning"]).strip()
+        return reasoning, self.tok.decode(self.ids["content"]).lstrip("\n")
+
+
+def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> str:
+    """Generate one assistant turn, streaming it to `out`; returns the answer (content) text."""
+    tok = engine.tok
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    req = engine.add(prompt, params)
+    split = Splitter(tok, req.thinking)
+    dim, reset = ("\033[2m", "\033[0m") if color else ("", "")
+    state = None
+    while not req.done:
+        engine.step()
+        new = req.output[len(req.output) - req.new_tokens:] if req.new_tokens else []
+        for kind, delta in split.feed(new, final=req.done):
+            if kind != state:
+                if kind == "reasoning":
+                    out.write(dim + ("" if color else "[thinking] "))
+                else:
+                    out.write(reset + ("\n" if state == "reasoning" else "") + ("" if color else "[answer] "))
+                state = kind
+            out.write(delta)
+            out.flush()
+    out.write(reset + "\n")
+    out.flush()
+    return split.texts()[1]
+
+
+def main(args) -> None:
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.engine import Engine, SamplingParams
+    model = from_pretrained(args.checkpoint)
+    if model.tokenizer is None:
+        raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; chat needs one")
+    engine = Engine(model, max_batch=1)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, thinking_budget=args.think_budget).validate()
+    color = sys.stdout.isatty() and not args.no_color
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        messages.append({"role": "user", "content": args.prompt})
+        run_turn(engine, messages, params, color=color)
+        return
+    print("nanoseek chat: type a message; an empty line or Ctrl-D ends the session", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("exit", "quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        answer = run_turn(engine, messages, params, color=color)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def add_args(sp) -> None:
+    sp.add_argument("--checkpoint", required=True, help="checkpoint directory (with tokenizer files)")
+    sp.add_argument("--prompt", default=None, help="one-shot: answer this message and exit (default: interactive)")
+    sp.add_argument("--system", default=None, help="a system prompt (R1's advice: none)")
+    sp.add_argument("--think-budget", type=int, default=None, help="max thinking tokens; then </think> is forced")
+    sp.add_argument("--max-tokens", type=int, default=512, help="max tokens per answer, thinking included")
+    sp.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6; 0 = greedy)")
+    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (R1: 0.95)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    sp.add_argument("--seed", type=int, default=None, help="sampling seed")
+    sp.add_argument("--no-color", action="store_true", help="mark thinking with [thinking] instead of dim text")
