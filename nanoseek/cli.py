@@ -105,6 +105,14 @@ def cmd_chat(args):
     chat(args)
 
 
+def cmd_serve(args):
+    from nanoseek.serve.api import main as serve
+    for name in ("port", "max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1")
+    serve(args)
+
+
 def cmd_convert(args):
     import torch
     from nanoseek.checkpoint import from_pretrained
@@ -284,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoseek.chat import add_args as chat_args
     chat_args(sp)
     sp.set_defaults(fn=cmd_chat)
+
+    sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with reasoning_content, and a chat page at /")
+    from nanoseek.serve.api import add_args as serve_args
+    serve_args(sp)
+    sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("convert", help="load any supported checkpoint (FP8, V2, transformers) and write nanoseek's "
                                         "DeepseekV3ForCausalLM layout (FP8 dequantised)")
