@@ -28,7 +28,7 @@ class Splitter:
                 self.ids["reasoning" if self.thinking else "content"].append(t)
         out = []
         for kind in ("reasoning", "content"):
-            text = self.tok.decode(self.ids[kind])
+            text = self.tok.decode(self.ids[kind], skip_special_tokens=True)
             if kind == "content" and not self.sent["content"]:
                 text = text.lstrip("\n")  # the template's "</think>\n\n" separator
             if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
@@ -39,8 +39,8 @@ class Splitter:
         return out
 
     def texts(self) -> tuple[str, str]:
-        reasoning = self.tok.decode(self.ids["reasoning"]).strip()
-        return reasoning, self.tok.decode(self.ids["content"]).lstrip("\n")
+        reasoning = self.tok.decode(self.ids["reasoning"], skip_special_tokens=True).strip()
+        return reasoning, self.tok.decode(self.ids["content"], skip_special_tokens=True).lstrip("\n")
 
 
 def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> str:

@@ -119,9 +119,10 @@ def test_reasoning_split_matches_tokens(server, engine, tok):
     ref = Engine(engine.model, tokenizer=tok, max_batch=1).generate(
         [prompt], SamplingParams(max_tokens=20, temperature=0, thinking_budget=4))[0].output
     cut = ref.index(tok.end_think_id)
-    assert r.choices[0].message.model_extra["reasoning_content"] == tok.decode(ref[:cut]).strip()
+    assert r.choices[0].message.model_extra["reasoning_content"] == tok.decode(ref[:cut],
+                                                                               skip_special_tokens=True).strip()
     answer = [t for t in ref[cut + 1:] if t != tok.eos_id]
-    assert r.choices[0].message.content == tok.decode(answer).lstrip("\n")
+    assert r.choices[0].message.content == tok.decode(answer, skip_special_tokens=True).lstrip("\n")
 
 
 def test_n_stop_and_completions(server):
