@@ -64,6 +64,8 @@ class Request:
     thinking_tokens: int = 0
     generator: torch.Generator | None = None
     new_tokens: int = 0  # tokens added by the last step (for streaming)
+    speculative: bool = False  # decoded with MTP drafts (greedy requests of an engine with speculative=True)
+    draft: int | None = None  # the MTP module's guess of the token after output[-1]
 
     @property
     def done(self) -> bool:
@@ -73,8 +75,8 @@ class Request:
 class KVCache:
     """Latent cache rows [layers, slots, max_len, kv_lora_rank] and [layers, slots, max_len, qk_rope_head_dim]."""
 
-    def __init__(self, args, slots: int, max_len: int, device, dtype):
-        L = args.num_hidden_layers
+    def __init__(self, args, slots: int, max_len: int, device, dtype, layers: int | None = None):
+        L = args.num_hidden_layers if layers is None else layers
         self.kv = torch.zeros(L, slots, max_len, args.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(L, slots, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
         self.max_len = max_len
@@ -87,7 +89,7 @@ class KVCache:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, absorb: bool = True,
-                 dtype=None):
+                 dtype=None, speculative: bool = False):
         self.model = model.eval()
         self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.args = model.args
@@ -95,6 +97,12 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.cache = KVCache(self.args, max_batch, self.max_len, self.device, dtype or model.lm_head.weight.dtype)
         self.absorb = absorb
+        if speculative and not len(model.mtp):
+            raise NanoseekError("speculative decoding needs the MTP module, and this checkpoint has none")
+        self.speculative = speculative
+        if speculative:  # the MTP block attends over its own latent cache
+            self.mtp_cache = KVCache(self.args, max_batch, self.max_len, self.device, self.cache.kv.dtype, layers=1)
+        self.spec_stats = {"drafted": 0, "accepted": 0}
         self.free = list(range(max_batch))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -113,6 +121,8 @@ class Engine:
         if params.stop and self.tok is None:
             raise NanoseekError("stop strings need a tokenizer")
         r = Request(next(self._ids), list(prompt), params)
+        r.speculative = self.speculative and params.temperature == 0 and params.logprobs is None \
+            and params.thinking_budget is None
         if params.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tok is not None and self.tok.think_id is not None:  # does generation start inside a thought?
@@ -142,8 +152,9 @@ class Engine:
 
     # ---- the model ----
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, absorb: bool) -> torch.Tensor:
-        """ids [n, T] at positions start[i] + t of cache rows `slots` -> logits [n, T, V] (writes the cache)."""
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, absorb: bool):
+        """ids [n, T] at positions start[i] + t of cache rows `slots` -> logits [n, T, V] and the final normed hidden
+        states [n, T, D] (writes the cache)."""
         m = self.model
         pos = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
         cos, sin = m.rotary(pos)
@@ -152,7 +163,50 @@ class Engine:
             x = x + layer.self_attn.forward_cached(layer.input_layernorm(x), cos, sin, self.cache.kv[l],
                                                    self.cache.pe[l], slots, start, absorb)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return m.lm_head(m.norm(x))
+        h = m.norm(x)
+        return m.lm_head(h), h
+
+    @torch.no_grad()
+    def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> int:
+        """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its greedy
+        guess for the token after the last of next_ids."""
+        m, mod = self.model, self.model.mtp[0]
+        T = next_ids.shape[0]
+        st = torch.tensor([start], device=self.device)
+        cos, sin = m.rotary(st[:, None] + torch.arange(T, device=self.device))
+        x = mod.eh_proj(torch.cat([mod.enorm(m.embed_tokens(next_ids[None])), mod.hnorm(h[None])], dim=-1))
+        blk = mod.block
+        x = x + blk.self_attn.forward_cached(blk.input_layernorm(x), cos, sin, self.mtp_cache.kv[0],
+                                             self.mtp_cache.pe[0], torch.tensor([slot], device=self.device), st,
+                                             self.absorb)
+        x = x + blk.mlp(blk.post_attention_layernorm(x))
+        return int(m.lm_head(mod.shared_head.norm(x[:, -1])).argmax(-1))
+
+    def _verify(self, r: Request) -> None:
+        """One speculative step: run [x_L, draft] in one forward; keep the draft if the model agrees (two tokens
+        this step), else take the model's token (one); then draft again with MTP."""
+        L = len(r.prompt) + len(r.output) - 1  # cache length; output[-1] is not in it yet
+        ids = torch.tensor([[r.output[-1], r.draft]], device=self.device)
+        logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
+                                 torch.tensor([L], device=self.device), absorb=self.absorb)
+        y = int(logits[0, 0].argmax())
+        self.spec_stats["drafted"] += 1
+        hit = y == r.draft
+        self.spec_stats["accepted"] += hit
+        new = [y]
+        self._accept(r, y)
+        if hit and not r.done:
+            z = int(logits[0, 1].argmax())
+            new.append(z)
+            self._accept(r, z)
+        if not r.done:
+            self._redraft(r, h[0, :len(new)], new, L)
+
+    def _redraft(self, r: Request, h: torch.Tensor, next_ids: list[int], start: int) -> None:
+        if len(r.prompt) + len(r.output) + 1 < self.max_len:  # room to verify two tokens next step
+            r.draft = self.draft(h, torch.tensor(next_ids, device=self.device), r.slot, start)
+        else:
+            r.draft = None
 
     # ---- sampling ----
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
@@ -212,17 +266,22 @@ class Engine:
             r = self.waiting.pop(0)
             r.slot, r.new_tokens = self.free.pop(0), 0
             ids = torch.tensor([r.prompt], device=self.device)
-            logits = self.forward(ids, torch.tensor([r.slot], device=self.device),
-                                  torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
+            logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
+                                     torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
             self.running.append(r)
             self._accept(r, self._sample(r, logits[0, -1]))
+            if r.speculative and not r.done:
+                self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)
+            touched.append(r)
+        for r in [r for r in self.running if r not in touched and r.draft is not None]:
+            self._verify(r)
             touched.append(r)
         batch = [r for r in self.running if r not in touched]
         if batch:
             ids = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
             slots = torch.tensor([r.slot for r in batch], device=self.device)
             start = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in batch], device=self.device)
-            logits = self.forward(ids, slots, start, absorb=self.absorb)
+            logits, _ = self.forward(ids, slots, start, absorb=self.absorb)
             for r, lg in zip(batch, logits[:, -1]):
                 self._accept(r, self._sample(r, lg))
                 touched.append(r)

@@ -55,7 +55,7 @@ def test_absorbed_equals_naive_logits(model):
     a, b = Engine(model, max_batch=2, absorb=True), Engine(model, max_batch=2, absorb=False)
     ids = torch.tensor([prompts()[1], prompts()[3][:11]])
     slots, start = torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
-    la, lb = a.forward(ids, slots, start, True), b.forward(ids, slots, start, False)
+    la, lb = a.forward(ids, slots, start, True)[0], b.forward(ids, slots, start, False)[0]
     assert torch.allclose(la, lb, atol=1e-4)
     assert torch.allclose(la, model(ids), atol=1e-4)  # and both equal the training-form forward
 
@@ -155,3 +155,22 @@ def test_cache_size_and_bad_requests(model):
     eng.step()
     eng.abort(r)
     assert r.finish_reason == "abort" and sorted(eng.free) == [0, 1] and not eng.has_work
+
+
+def test_mtp_speculative_equals_plain_greedy(model):
+    """Drafting with the MTP module and verifying in one forward changes nothing in greedy output; the acceptance
+    counts are reported. (A model whose MTP head copies the main head accepts every draft it can.)"""
+    plain = Engine(model, max_batch=4)
+    plain.eos = -1
+    spec = Engine(model, max_batch=4, speculative=True)
+    spec.eos = -1
+    sp = SamplingParams(max_tokens=15, temperature=0)
+    a = plain.generate(prompts(), sp)
+    b = spec.generate(prompts(), sp)
+    assert [r.output for r in a] == [r.output for r in b]
+    st = spec.spec_stats
+    assert st["drafted"] > 0 and 0 <= st["accepted"] <= st["drafted"]
+    steps = st["drafted"]
+    assert steps < 4 * 14 or st["accepted"] == 0  # accepted drafts save forwards
+    with pytest.raises(NanoseekError):
+        Engine(build_model(ModelArgs.from_dict({**CFG, "num_nextn_predict_layers": 0})), speculative=True)
