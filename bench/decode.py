@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--checkpoint", default=None, help="a trained checkpoint with MTP: measure speculative decoding")
+    ap.add_argument("--data", default=None, help="its data directory (default: CHECKPOINT/../data)")
     args = ap.parse_args()
     import transformers
     device = torch.device(args.device)
@@ -113,6 +115,38 @@ def main():
             sync(device)
             dt = time.perf_counter() - t
             print(f"  batch {bs:3d}: {bs * args.new / dt:9.1f} tok/s aggregate ({dt:.2f} s for {bs} x {args.new})")
+    if args.checkpoint:
+        speculative(args.checkpoint, args.data)
+
+
+
+def speculative(checkpoint: str, data: str | None, n_prompts: int = 8, new: int = 64):
+    """MTP speculative decoding on a trained checkpoint (its MTP module trained with it): greedy tokens/s with and
+    without drafts, and the share of drafts accepted."""
+    import json
+    from pathlib import Path
+
+    from nanoseek.checkpoint import from_pretrained
+    model = from_pretrained(checkpoint)
+    tok = model.tokenizer
+    probs = Path(data or Path(checkpoint).parent / "data") / "val_problems.jsonl"
+    lines = probs.read_text().splitlines()[:: max(1, len(probs.read_text().splitlines()) // n_prompts)][:n_prompts]
+    prompts = [tok.encode(f"Problem: {json.loads(l)['question'].strip()}\nSolution:\n", bos=True) for l in lines]
+    sp = SamplingParams(max_tokens=new, temperature=0)
+    res = {}
+    for spec in (False, True, False, True):
+        eng = Engine(model, max_batch=1, speculative=spec)
+        t = time.perf_counter()
+        outs = [eng.generate([p], sp)[0].output for p in prompts]
+        dt = time.perf_counter() - t
+        res.setdefault(spec, []).append((sum(len(o) for o in outs) / dt, outs, dict(eng.spec_stats)))
+    same = res[False][0][1] == res[True][0][1]
+    tps = {k: statistics.median(r[0] for r in v) for k, v in res.items()}
+    st = res[True][0][2]
+    print(f"\n[speculative, {checkpoint}] {n_prompts} held-out prompts x {new} greedy tokens, batch 1")
+    print(f"  plain {tps[False]:.1f} tok/s, MTP speculative {tps[True]:.1f} tok/s -> {tps[True] / tps[False]:.2f}x; "
+          f"drafts accepted {st['accepted']}/{st['drafted']} = {st['accepted'] / max(1, st['drafted']):.1%}; "
+          f"outputs identical: {same}")
 
 
 if __name__ == "__main__":
