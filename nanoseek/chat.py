@@ -12,35 +12,49 @@ from nanoseek.errors import NanoseekError
 
 
 class Splitter:
+    """Generated token ids -> text deltas tagged `reasoning` / `content`. The split is made on the decoded text, so it
+    holds whether `</think>` came as its own token or as several pieces ("</", "think>") in different chunks: while
+    the text could still end inside the tag, that tail is held back."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
     def __init__(self, tok, thinking: bool):
-        self.tok, self.thinking = tok, thinking
-        self.ids = {"reasoning": [], "content": []}
+        self.tok, self.starts_thinking = tok, thinking
+        self.ids: list[int] = []
         self.sent = {"reasoning": 0, "content": 0}  # characters already emitted
+
+    def split(self, final: bool) -> tuple[str, str]:
+        text = self.tok.decode([t for t in self.ids if t != self.tok.eos_id], skip_special_tokens=True)
+        thinking = self.starts_thinking
+        if not thinking and text.lstrip().startswith(self.OPEN):  # the model opened a thought itself
+            text, thinking = text.lstrip()[len(self.OPEN):], True
+        if not final and text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            text = text[:-1]
+        if not thinking:
+            return "", text
+        i = text.find(self.CLOSE)
+        if i >= 0:
+            return text[:i], text[i + len(self.CLOSE):].lstrip("\n")  # the template's "</think>\n\n"
+        if not final:  # hold back what may be the start of "</think>"
+            for k in range(len(self.CLOSE) - 1, 0, -1):
+                if text.endswith(self.CLOSE[:k]):
+                    text = text[:-k]
+                    break
+        return text, ""
 
     def feed(self, ids: list[int], final: bool = False) -> list[tuple[str, str]]:
         """New token ids -> [(kind, text delta)]."""
-        for t in ids:
-            if t == self.tok.think_id and not self.ids["content"]:
-                self.thinking = True
-            elif t == self.tok.end_think_id:
-                self.thinking = False
-            elif t != self.tok.eos_id:
-                self.ids["reasoning" if self.thinking else "content"].append(t)
+        self.ids += ids
         out = []
-        for kind in ("reasoning", "content"):
-            text = self.tok.decode(self.ids[kind], skip_special_tokens=True)
-            if kind == "content" and not self.sent["content"]:
-                text = text.lstrip("\n")  # the template's "</think>\n\n" separator
-            if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
-                text = text[: -1]
+        for kind, text in zip(("reasoning", "content"), self.split(final)):
             if len(text) > self.sent[kind]:
                 out.append((kind, text[self.sent[kind]:]))
                 self.sent[kind] = len(text)
         return out
 
     def texts(self) -> tuple[str, str]:
-        reasoning = self.tok.decode(self.ids["reasoning"], skip_special_tokens=True).strip()
-        return reasoning, self.tok.decode(self.ids["content"], skip_special_tokens=True).lstrip("\n")
+        reasoning, content = self.split(final=True)
+        return reasoning.strip(), content
 
 
 def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> str:

@@ -225,3 +225,20 @@ def test_32_streams_8_cancelled(server, engine):
     assert sorted(engine.free) == list(range(8))
     assert c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}],
                                      max_tokens=3).choices[0].finish_reason in ("length", "stop")
+
+
+def test_splitter_tag_cut_across_chunks(tok):
+    """</think> as its own token, or as text pieces arriving in different chunks: the same split."""
+    from nanoseek.chat import Splitter
+    pieces = ["Let me", " add: 2+2", " is 4.", "</", "thi", "nk>", "\n\nThe answer", " is 4."]
+    for as_token in (True, False):
+        s = Splitter(tok, thinking=True)
+        got = {"reasoning": "", "content": ""}
+        for i, p in enumerate(pieces):
+            ids = [tok.end_think_id] if as_token and p == "</" else ([] if as_token and p in ("thi", "nk>")
+                                                                       else tok.encode(p))
+            for kind, delta in s.feed(ids, final=i == len(pieces) - 1):
+                got[kind] += delta
+                assert "<" not in got["reasoning"] and "think>" not in got["content"]
+        assert got == {"reasoning": "Let me add: 2+2 is 4.", "content": "The answer is 4."}
+        assert s.texts() == ("Let me add: 2+2 is 4.", "The answer is 4.")
