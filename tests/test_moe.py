@@ -153,8 +153,8 @@ def test_sequence_balance_loss_by_hand():
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_gathered_decode_path_equals_reference(tokens):
-    """With few tokens and no autograd (decoding) the grouped path gathers the chosen experts' weights instead."""
+def test_few_tokens_decode_path_equals_reference(tokens):
+    """With few tokens and no autograd (decoding on a CPU) the grouped path runs only the chosen pairs."""
     m = moe(V3).eval()
     x = torch.randn(1, tokens, V3["hidden_size"])
     with torch.no_grad():
@@ -162,5 +162,5 @@ def test_gathered_decode_path_equals_reference(tokens):
         ref = m(x)
         m.impl = "grouped"
         fast = m(x)
-    assert tokens * V3["num_experts_per_tok"] < V3["n_routed_experts"]  # the gathered branch is the one taken
+    assert tokens * V3["num_experts_per_tok"] < V3["n_routed_experts"]  # the few-tokens branch is the one taken
     assert torch.allclose(ref, fast, atol=1e-5)

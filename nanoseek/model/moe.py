@@ -117,21 +117,21 @@ class Experts(nn.Module):
             y.index_add_(0, tok, (F.silu(gate) * up @ self.down_proj[e].T) * weights[tok, slot, None].to(x.dtype))
         return y
 
-    def gathered(self, x, weights, indices):
-        """Few tokens (decoding): gather each (token, expert) pair's weights and run one batched matmul, instead of
-        a grouped GEMM that would visit every expert, most of them with no token."""
-        N, K = indices.shape
-        flat = indices.flatten()
-        xs = x.repeat_interleave(K, dim=0)[:, None, :]  # [N*K, 1, D]
-        gate, up = (xs @ self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
-        h = F.silu(gate) * up * weights.flatten()[:, None, None].to(x.dtype)
-        return (h @ self.down_proj[flat].transpose(1, 2)).view(N, K, -1).sum(1)
+    def few(self, x, weights, indices):
+        """Few tokens on a CPU (decoding): run each chosen (token, expert) pair on views of that expert's weights —
+        no weight copies, and no visit to the experts nobody chose. (Reading the indices syncs, so not on a GPU.)"""
+        y = torch.zeros_like(x)
+        for t, (es, ws) in enumerate(zip(indices.tolist(), weights.to(x.dtype))):
+            for e, w in zip(es, ws):
+                gate, up = F.linear(x[t], self.gate_up_proj[e]).chunk(2, dim=-1)
+                y[t] += F.linear(F.silu(gate) * up, self.down_proj[e]) * w
+        return y
 
     def grouped(self, x, weights, indices):
         """Sort the N·K (token, expert) pairs by expert, then one grouped GEMM per projection."""
         E, K = self.gate_up_proj.shape[0], indices.shape[1]
-        if indices.numel() < E and not torch.is_grad_enabled():
-            return self.gathered(x, weights, indices)
+        if indices.numel() < E and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self.few(x, weights, indices)
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         token = order // K  # the token of each sorted pair
