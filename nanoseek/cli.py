@@ -122,7 +122,7 @@ def cmd_convert(args):
     print(f"{args.src} -> {args.dst} ({args.dtype}, DeepseekV3ForCausalLM layout)")
 
 
-# ---- demo: the current main job ------------------------------------------------------------------------------------
+# ---- demo: a few-second smoke test of the whole stack -----------------------------------------------------------
 
 def cmd_demo(args):
     """Tokenizer -> tiny model -> save -> load back (checked equal) -> generate a few tokens."""
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         if checkpoint:
             g.add_argument("--checkpoint", help="a checkpoint directory (its config.json is read)")
 
-    sp = sub.add_parser("demo", help="the current main job: tokenizer, tiny model, save, load, generate")
+    sp = sub.add_parser("demo", help="a few-second smoke test: tokenizer, tiny model, save, load, generate")
     sp.add_argument("--out", default="out/demo", help="checkpoint directory to write (default out/demo)")
     sp.add_argument("--preset", default="tiny", choices=list(PRESETS)[:2], help="model preset (default tiny)")
     sp.add_argument("--docs", type=int, default=4000, help="reasoning-gym documents to train the tokenizer on")
