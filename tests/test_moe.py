@@ -164,3 +164,15 @@ def test_few_tokens_decode_path_equals_reference(tokens):
         fast = m(x)
     assert tokens * V3["num_experts_per_tok"] < V3["n_routed_experts"]  # the few-tokens branch is the one taken
     assert torch.allclose(ref, fast, atol=1e-5)
+
+
+def test_grouped_under_autocast_bf16():
+    """Under autocast (bf16 on GPU; here the CPU's) the grouped GEMMs run in the autocast dtype, like F.linear."""
+    m = moe(V3)
+    x = torch.randn(1, 40, V3["hidden_size"], requires_grad=True)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert x.grad is not None and m.experts.gate_up_proj.grad.dtype == torch.float32
+    assert (y.float() - ref).abs().max() / ref.abs().max() < 3e-2

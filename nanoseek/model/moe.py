@@ -24,7 +24,15 @@ from torch import nn
 
 from nanoseek.config import ModelArgs
 
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm")
+_grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm")
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grouped_mm is not covered by autocast: cast both operands to the autocast dtype as F.linear would be."""
+    if torch.is_autocast_enabled(a.device.type):
+        dt = torch.get_autocast_dtype(a.device.type)
+        a, b = a.to(dt), b.to(dt)
+    return _grouped_mm_op(a, b, offs=offs)
 
 
 class MLP(nn.Module):
@@ -143,7 +151,7 @@ class Experts(nn.Module):
         gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)  # gate value applied before down_proj
         out = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # [N*K, D]
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out)  # out: bf16 under autocast
 
 
 class MoE(nn.Module):
