@@ -422,8 +422,16 @@ def _cut(text: str, stops) -> str:
 
 
 def main(args) -> None:
+    import socket
+
     import uvicorn
     from nanoseek.checkpoint import from_pretrained
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:  # fail before loading
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            raise NanoseekError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") \
+                from None
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:
         raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; serving needs one")
