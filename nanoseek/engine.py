@@ -13,6 +13,10 @@ Per request: temperature, top-k, top-p, a seed (its own generator, so a sample d
 strings and token ids, max tokens, logprobs, and a thinking budget: generation that starts inside `<think>` (the R1
 template opens it) may think for at most `thinking_budget` tokens; then the engine writes `</think>` itself and the
 model goes on to answer — the serve-time knob of test-time scaling.
+
+MTP speculative decoding (`speculative=True`): the MTP module (with its own latent cache) drafts the token after the
+next; one forward over [next, draft] verifies it — greedy: kept if the model agrees; sampled: kept with probability
+min(1, p/q), else replaced from the residual, so the output distribution is exactly the model's.
 """
 
 import itertools
@@ -64,12 +68,24 @@ class Request:
     thinking_tokens: int = 0
     generator: torch.Generator | None = None
     new_tokens: int = 0  # tokens added by the last step (for streaming)
-    speculative: bool = False  # decoded with MTP drafts (greedy requests of an engine with speculative=True)
+    speculative: bool = False  # decoded with MTP drafts (an engine with speculative=True; no logprobs or budget)
     draft: int | None = None  # the MTP module's guess of the token after output[-1]
+    draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from (temperature > 0)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+def speculative_choice(p: torch.Tensor, q: torch.Tensor, draft: int, generator=None) -> tuple[int, bool]:
+    """Speculative sampling (Leviathan et al., Chen et al.): keep the draft d ~ q with probability min(1, p(d)/q(d)),
+    else sample from the residual max(0, p − q), renormalised. The token returned is distributed exactly as p."""
+    u = float(torch.rand(1, generator=generator, device=p.device))
+    if q[draft] > 0 and u < min(1.0, float(p[draft] / q[draft])):
+        return draft, True
+    residual = (p - q).clamp(min=0)
+    residual = residual / residual.sum() if residual.sum() > 0 else p
+    return int(torch.multinomial(residual, 1, generator=generator)), False
 
 
 class KVCache:
@@ -121,8 +137,7 @@ class Engine:
         if params.stop and self.tok is None:
             raise NanoseekError("stop strings need a tokenizer")
         r = Request(next(self._ids), list(prompt), params)
-        r.speculative = self.speculative and params.temperature == 0 and params.logprobs is None \
-            and params.thinking_budget is None
+        r.speculative = self.speculative and params.logprobs is None and params.thinking_budget is None
         if params.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tok is not None and self.tok.think_id is not None:  # does generation start inside a thought?
@@ -167,9 +182,9 @@ class Engine:
         return m.lm_head(h), h
 
     @torch.no_grad()
-    def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> int:
-        """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its greedy
-        guess for the token after the last of next_ids."""
+    def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its logits
+        [V] for the token after the last of next_ids."""
         m, mod = self.model, self.model.mtp[0]
         T = next_ids.shape[0]
         st = torch.tensor([start], device=self.device)
@@ -180,7 +195,7 @@ class Engine:
                                              self.mtp_cache.pe[0], torch.tensor([slot], device=self.device), st,
                                              self.absorb)
         x = x + blk.mlp(blk.post_attention_layernorm(x))
-        return int(m.lm_head(mod.shared_head.norm(x[:, -1])).argmax(-1))
+        return m.lm_head(mod.shared_head.norm(x[0, -1]))
 
     def _verify(self, r: Request) -> None:
         """One speculative step: run [x_L, draft] in one forward; keep the draft if the model agrees (two tokens
@@ -189,44 +204,55 @@ class Engine:
         ids = torch.tensor([[r.output[-1], r.draft]], device=self.device)
         logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
                                  torch.tensor([L], device=self.device), absorb=self.absorb)
-        y = int(logits[0, 0].argmax())
         self.spec_stats["drafted"] += 1
-        hit = y == r.draft
+        if r.params.temperature == 0:
+            y = int(logits[0, 0].argmax())
+            hit = y == r.draft
+        else:
+            y, hit = speculative_choice(self.probs(r, logits[0, 0]), r.draft_probs, r.draft, r.generator)
         self.spec_stats["accepted"] += hit
         new = [y]
         self._accept(r, y)
         if hit and not r.done:
-            z = int(logits[0, 1].argmax())
+            z = self._sample(r, logits[0, 1])
             new.append(z)
             self._accept(r, z)
         if not r.done:
             self._redraft(r, h[0, :len(new)], new, L)
 
     def _redraft(self, r: Request, h: torch.Tensor, next_ids: list[int], start: int) -> None:
+        r.draft = None
         if len(r.prompt) + len(r.output) + 1 < self.max_len:  # room to verify two tokens next step
-            r.draft = self.draft(h, torch.tensor(next_ids, device=self.device), r.slot, start)
-        else:
-            r.draft = None
+            logits = self.draft(h, torch.tensor(next_ids, device=self.device), r.slot, start)
+            if r.params.temperature == 0:
+                r.draft = int(logits.argmax())
+            else:  # sample the draft from the MTP head's own distribution q, kept for the acceptance test
+                r.draft_probs = self.probs(r, logits)
+                r.draft = int(torch.multinomial(r.draft_probs, 1, generator=r.generator))
 
     # ---- sampling ----
+    @staticmethod
+    def probs(r: Request, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampled from: logits / temperature, restricted by top-k and top-p."""
+        p = r.params
+        z = logits.float() / p.temperature
+        if p.top_k:
+            kth = z.topk(min(p.top_k, z.numel())).values[-1]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if p.top_p < 1:
+            sz, si = z.sort(descending=True)
+            mass = sz.softmax(-1)
+            cut = mass.cumsum(-1) - mass >= p.top_p  # drop tokens once the mass before them reaches top_p
+            z = z.index_fill(0, si[cut], float("-inf"))
+        return z.softmax(-1)
+
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params
         if r.thinking and p.thinking_budget is not None and r.thinking_tokens >= p.thinking_budget:
             return self.tok.end_think_id  # the budget is spent: close the thought
         logits = logits.float()
-        if p.temperature == 0:
-            tok = int(logits.argmax())
-        else:
-            z = logits / p.temperature
-            if p.top_k:
-                kth = z.topk(min(p.top_k, z.numel())).values[-1]
-                z = z.masked_fill(z < kth, float("-inf"))
-            if p.top_p < 1:
-                sz, si = z.sort(descending=True)
-                cum = sz.softmax(-1).cumsum(-1)
-                cut = cum - sz.softmax(-1) >= p.top_p  # drop tokens once the mass before them reaches top_p
-                z = z.index_fill(0, si[cut], float("-inf"))
-            tok = int(torch.multinomial(z.softmax(-1), 1, generator=r.generator))
+        tok = int(logits.argmax()) if p.temperature == 0 else \
+            int(torch.multinomial(self.probs(r, logits), 1, generator=r.generator))
         if p.logprobs is not None:
             lp = logits.log_softmax(-1)
             top = lp.topk(p.logprobs) if p.logprobs else None

@@ -174,3 +174,32 @@ def test_mtp_speculative_equals_plain_greedy(model):
     assert steps < 4 * 14 or st["accepted"] == 0  # accepted drafts save forwards
     with pytest.raises(NanoseekError):
         Engine(build_model(ModelArgs.from_dict({**CFG, "num_nextn_predict_layers": 0})), speculative=True)
+
+
+def test_speculative_choice_keeps_the_target_distribution():
+    from nanoseek.engine import speculative_choice
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
+    counts = torch.zeros(5)
+    accepted = 0
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        y, hit = speculative_choice(p, q, d, g)
+        counts[y] += 1
+        accepted += hit
+    assert (counts / n - p).abs().max() < 0.015  # the output follows p, not q
+    assert abs(accepted / n - torch.minimum(p, q).sum().item()) < 0.015  # acceptance = Σ min(p, q)
+    assert speculative_choice(p, p.clone(), 2, g) == (2, True)  # q == p: always kept
+
+
+def test_speculative_sampling_reproducible(model):
+    sp = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=11)
+    runs = []
+    for _ in range(2):
+        eng = Engine(model, max_batch=2, speculative=True)
+        eng.eos = -1
+        runs.append([r.output for r in eng.generate(prompts()[:2], sp)])
+        assert eng.spec_stats["drafted"] > 0
+    assert runs[0] == runs[1] and all(len(o) == 12 for o in runs[0])
