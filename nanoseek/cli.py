@@ -170,8 +170,12 @@ def cmd_data(args):
 
 
 def cmd_pretrain(args):
+    from nanoseek.parallel import shutdown
     from nanoseek.train.pretrain import main as pretrain
-    pretrain(args)
+    try:
+        pretrain(args)
+    finally:
+        shutdown()
 
 
 def cmd_cost(args):

@@ -5,7 +5,6 @@ step-by-step solution (gsm_symbolic carries its own). The same steps become pret
 Sizes are chosen so that a few-million-parameter model can learn them on a CPU.
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -100,9 +99,3 @@ def render(ex: dict) -> str:
     """A worked example as pretraining text."""
     steps = "\n".join(ex["steps"])
     return f"Problem: {ex['question'].strip()}\nSolution:\n{steps}\nAnswer: {ex['answer']}"
-
-
-def answer_of(text: str) -> str | None:
-    """The text after the last 'Answer:' (to the end of its line)."""
-    m = re.findall(r"Answer:\s*(.*)", text)
-    return m[-1].strip() if m else None
