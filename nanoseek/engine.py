@@ -291,10 +291,10 @@ class Engine:
         while self.waiting and self.free:
             r = self.waiting.pop(0)
             r.slot, r.new_tokens = self.free.pop(0), 0
+            self.running.append(r)  # before the forward: if it fails, abort() still finds and frees the request
             ids = torch.tensor([r.prompt], device=self.device)
             logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
                                      torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
-            self.running.append(r)
             self._accept(r, self._sample(r, logits[0, -1]))
             if r.speculative and not r.done:
                 self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)

@@ -242,3 +242,22 @@ def test_splitter_tag_cut_across_chunks(tok):
                 assert "<" not in got["reasoning"] and "think>" not in got["content"]
         assert got == {"reasoning": "Let me add: 2+2 is 4.", "content": "The answer is 4."}
         assert s.texts() == ("Let me add: 2+2 is 4.", "The answer is 4.")
+
+
+def test_engine_failure_ends_requests_and_keeps_serving(engine):
+    s = Server(engine)
+    real = engine.forward
+    try:
+        def broken(*a, **k):
+            raise RuntimeError("injected engine failure")
+        engine.forward = broken
+        with pytest.raises(openai.InternalServerError):
+            client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        engine.forward = real
+        r = client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=3)
+        assert r.choices[0].finish_reason in ("length", "stop")
+        assert sorted(engine.free) == list(range(8))
+    finally:
+        engine.forward = real
+        s.stop()

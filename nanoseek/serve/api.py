@@ -156,7 +156,16 @@ class Runner:
                     self.lock.wait(timeout=0.5)
                 if self.stopped:
                     return
-                touched = self.engine.step()
+                try:
+                    touched = self.engine.step()
+                except Exception as e:  # never leave clients hanging: end every request, keep serving
+                    import logging
+                    logging.getLogger("nanoseek.serve").exception("engine step failed: %s", e)
+                    self.stats["errors"] += 1
+                    touched = self.engine.waiting + self.engine.running
+                    for r in touched:
+                        self.engine.abort(r)
+                        r.finish_reason = "error"
                 events = []
                 for r in touched:
                     h = self.handles.get(r.id)
@@ -252,7 +261,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                 "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
     def finish(r) -> str:
-        return {"abort": "stop"}.get(r.finish_reason, r.finish_reason or "stop")
+        return {"abort": "stop", "error": "error"}.get(r.finish_reason, r.finish_reason or "stop")
 
     def logprobs_of(r):
         if r.params.logprobs is None:
@@ -341,6 +350,8 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                 for h in handles:
                     runner.cancel(h)
             reqs = [h.request for h in handles]
+            if any(r.finish_reason == "error" for r in reqs):
+                raise APIError(500, "the engine failed while generating; the request was ended", "server_error")
             choices = []
             for i, r in enumerate(reqs):
                 if chat:
