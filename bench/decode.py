@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from nanoseek.config import ModelArgs, get_preset  # first: nanoseek sets torch's CPU allocator options
+from nanoseek.cost import synchronize as sync
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import build_model
 
@@ -28,11 +29,6 @@ SIZES = {
                       first_k_dense_replace=1, max_position_embeddings=2048),
     "small": None,
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():

@@ -15,6 +15,7 @@ import statistics
 import time
 
 from nanoseek.config import ModelArgs  # first: nanoseek sets torch's CPU allocator options before torch loads
+from nanoseek.cost import measure_matmul_peak as matmul_peak, synchronize as sync
 from nanoseek.model.moe import MoE
 
 import torch
@@ -24,11 +25,6 @@ SIZES = {  # name: (hidden, routed experts, top-k, shared, expert inner dim, tok
     "mid": (1024, 64, 6, 2, 512, 4096),
     "mid-8k": (1024, 64, 6, 2, 512, 8192),
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timeit(fn, device, reps, warmup=1):
@@ -42,22 +38,6 @@ def timeit(fn, device, reps, warmup=1):
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def matmul_peak(device, dtype, n=4096, k=1024, reps=10):
-    """Best dense GEMM rate of this device right now (the best of `reps`, output preallocated)."""
-    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n * k * n / best
 
 
 def moe_flops(D, E, K, S, I, T):

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from nanoseek.config import ModelArgs, get_preset  # first: nanoseek sets torch's CPU allocator options
-from nanoseek.cost import flops_per_token
+from nanoseek.cost import flops_per_token, measure_matmul_peak as peak, synchronize as sync
 from nanoseek.model import build_model
 
 import torch
@@ -30,25 +30,6 @@ SIZES = {
                        first_k_dense_replace=1, max_position_embeddings=2048), 512, 8),
     "small": (None, 2048, 8),  # the `small` preset as is
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak(device, dtype, n=4096, k=1024, reps=10):
-    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return 2 * n * k * n / best
 
 
 def main():

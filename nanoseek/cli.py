@@ -33,26 +33,10 @@ def cmd_info(args):
 
 # ---- tokenizer -----------------------------------------------------------------------------------------------------
 
-def _read_texts(files):
-    texts = []
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise NanoseekError(f"text file {p} does not exist")
-        try:
-            t = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NanoseekError(f"{p} is not UTF-8 text") from None
-        if not t.strip():
-            raise NanoseekError(f"{p} is empty")
-        texts.append(t)
-    return texts
-
-
 def train_tokenizer(text_files=(), docs: int = 4000, vocab_size: int = 4096, seed: int = 0):
-    from nanoseek.data.corpus import reasoning_texts
+    from nanoseek.data.corpus import read_user_documents, reasoning_texts
     from nanoseek.tokenizer import Tokenizer
-    texts = _read_texts(text_files) if text_files else reasoning_texts(docs, seed=seed)
+    texts = read_user_documents(text_files) if text_files else reasoning_texts(docs, seed=seed)
     return Tokenizer.train(texts, vocab_size=vocab_size)
 
 
@@ -237,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("tokenizer", help="train the byte-level BPE with DeepSeek's special tokens and R1 template")
     sp.add_argument("--out", required=True, help="directory to write tokenizer.json and tokenizer_config.json to")
-    sp.add_argument("--text", nargs="*", default=[], help="UTF-8 text files to train on (default: reasoning-gym)")
+    sp.add_argument("--text", nargs="*", default=[], help="files to train on, read as `nanoseek data --files` reads "
+                                                          "them: .txt, .jsonl (field text), .parquet (default: "
+                                                          "reasoning-gym)")
     sp.add_argument("--docs", type=int, default=4000, help="reasoning-gym documents when no --text is given")
     sp.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included")
     sp.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")

@@ -106,21 +106,32 @@ def gpu_key(device_name: str) -> str | None:
     return next((k for k in GPU_PEAKS if k in low), None)
 
 
-def measure_cpu_peak(dtype=None, n: int = 1024, reps: int = 8) -> float:
-    """The best dense matmul rate of this CPU right now, FLOP/s: the denominator of MFU on CPU."""
+def synchronize(device) -> None:
+    """Wait for a GPU's queued work, so that a wall-clock reading covers it (nothing to wait for on a CPU)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device="cpu", dtype=None, n: int = 4096, k: int = 1024, reps: int = 10) -> float:
+    """The best dense GEMM rate of this device right now, FLOP/s ([n, k] @ [k, n], output preallocated, the best of
+    `reps` after two warm-ups): the denominator of MFU on a CPU, and of '% of peak' in the benchmarks."""
     import time
 
     import torch
     dtype = dtype or torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)
+    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(reps):
+        synchronize(device)
         t = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n * k * n / best
 
 
 def estimate(args: ModelArgs, tokens: float, gpu: str, gpus: int, mfu: float, seq_len: int = 4096,

@@ -223,7 +223,8 @@ def main(args) -> dict:
         else contextlib.nullcontext
 
     # ---- cost bookkeeping ----
-    fpt = cost.flops_per_token(margs, args.seq_len)["training"]
+    params = cost.count_params(margs)  # once: it builds the model on the meta device
+    fpt = cost.flops_per_token(margs, args.seq_len, params=params)["training"]
     if d.device.type == "cuda":
         dev_name = torch.cuda.get_device_name(d.device)
         key = cost.gpu_key(dev_name)
@@ -231,7 +232,7 @@ def main(args) -> dict:
     else:
         import platform
         dev_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        peak = cost.measure_cpu_peak()
+        peak = cost.measure_matmul_peak(n=1024, k=1024, reps=8)
     wall_before = state.get("wall_seconds", 0.0)
     skipped = state.get("skipped_steps", 0)
     tokens_seen = state.get("tokens", 0)
@@ -248,7 +249,7 @@ def main(args) -> dict:
                "device_hours": hours, "gpu_hours": hours if d.device.type == "cuda" else 0.0,
                "usd_per_device_hour": args.usd_per_hour, "usd": hours * args.usd_per_hour,
                "model": {"preset": None if args.config else args.preset, **{k: v for k, v in
-                         cost.count_params(margs).items() if k in ("total", "active", "total_with_mtp")}},
+                         params.items() if k in ("total", "active", "total_with_mtp")}},
                "unigram_baseline_nats": meta.get("unigram_entropy")}
         if d.main:
             (out / "ledger.json").write_text(json.dumps(row, indent=1) + "\n")
@@ -268,8 +269,7 @@ def main(args) -> dict:
 
     # ---- the loop ----
     if d.main:
-        p = cost.count_params(margs)
-        print(f"model: {cost.human(p['total'])} parameters ({cost.human(p['active'])} active), "
+        print(f"model: {cost.human(params['total'])} parameters ({cost.human(params['active'])} active), "
               f"{d.world} x {d.device.type}, global batch {batch_tokens} tokens ({accum} micro-step(s)), "
               f"{meta['splits']['train']['tokens']:,} training tokens; "
               f"unigram baseline {meta.get('unigram_entropy', float('nan')):.3f}", flush=True)
@@ -302,7 +302,7 @@ def main(args) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         bad = (~torch.isfinite(sums).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
-        all_reduce(bad, dist.ReduceOp.MAX if d.enabled else None)
+        all_reduce(bad, dist.ReduceOp.MAX)  # a NaN on any rank skips the step on all
         all_reduce(sums)
         sums /= accum * d.world
         loads = [m.tokens_per_expert for m in raw.moe_layers()]
