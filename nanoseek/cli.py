@@ -162,6 +162,42 @@ def cmd_pretrain(args):
         shutdown()
 
 
+def _distributed(main):
+    """Run a trainer's main; the process group (under torchrun) is destroyed however it ends."""
+    def run(args):
+        from nanoseek.parallel import shutdown
+        try:
+            main(args)
+        finally:
+            shutdown()
+    return run
+
+
+def cmd_sft(args):
+    from nanoseek.train.sft import main as sft
+    _distributed(sft)(args)
+
+
+def cmd_rl(args):
+    from nanoseek.train.rl import main as rl
+    _distributed(rl)(args)
+
+
+def cmd_distill(args):
+    from nanoseek.train.distill import main as distill
+    _distributed(distill)(args)
+
+
+def cmd_eval(args):
+    from nanoseek.evaluate import main as evaluate
+    evaluate(args)
+
+
+def cmd_report(args):
+    from nanoseek.report import main as report
+    report(args)
+
+
 def cmd_cost(args):
     from nanoseek.cost import GPU_PEAKS, estimate, human
     margs = _model_args(args)
@@ -263,6 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoseek.train.pretrain import add_args
     add_args(sp)
     sp.set_defaults(fn=cmd_pretrain)
+
+    sp = sub.add_parser("sft", help="supervised fine-tuning on chat data, loss on the assistant's tokens (default: "
+                                    "cold-start <think> traces of reasoning-gym tasks)")
+    from nanoseek.train.sft import add_args as sft_args
+    sft_args(sp)
+    sp.set_defaults(fn=cmd_sft)
+
+    sp = sub.add_parser("rl", help="GRPO with verifiable rewards (reasoning-gym score_answer, math-verify, format, "
+                                   "or yours)")
+    from nanoseek.train.rl import add_args as rl_args
+    rl_args(sp)
+    sp.set_defaults(fn=cmd_rl)
+
+    sp = sub.add_parser("distill", help="rejection sampling from a teacher (keep verified-correct answers), then SFT "
+                                        "of a student")
+    from nanoseek.train.distill import add_args as distill_args
+    distill_args(sp)
+    sp.set_defaults(fn=cmd_distill)
+
+    sp = sub.add_parser("eval", help="pass@1 over k samples, pass@k, majority vote and accuracy against the thinking "
+                                     "budget on held-out reasoning-gym tasks")
+    from nanoseek.evaluate import add_args as eval_args
+    eval_args(sp)
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("report", help="report.md and PNG plots of a speedrun directory (pretrain, sft, rl, eval)")
+    sp.add_argument("run", help="the speedrun directory (holding pretrain/, sft/, rl/, eval/)")
+    sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("cost", help="estimate FLOPs, GPU-hours, days and dollars of a training run, or the MFU a "
                                      "published GPU-hour figure implies")

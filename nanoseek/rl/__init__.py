@@ -1,0 +1,1 @@
+"""Reinforcement learning with verifiable rewards: GRPO's math (`grpo`), the reward functions (`rewards`)."""

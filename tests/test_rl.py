@@ -1,0 +1,216 @@
+"""SFT, GRPO, distillation, evaluation and the report on a tiny model: the SFT loss mask; GRPO resumed in the middle
+equals an uninterrupted run bit for bit (weights and metrics); reward functions that raise or are missing; malformed
+datasets; a teacher whose tokenizer differs from the student's; eval's numbers and files; the report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.cli import main
+from nanoseek.data.chat import MaskedLoader, encode_row, pack, trace_row
+
+RL = ["--problems", "10", "--prompts", "4", "--group", "3", "--max-new-tokens", "12", "--eval-problems", "4",
+      "--threads", "1", "--micro-batch", "5"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained checkpoint (a few steps: enough to exercise every path, not to be right)."""
+    root = tmp_path_factory.mktemp("rl")
+    assert main(["pretrain", "--out", str(root / "pre"), "--docs", "600", "--max-steps", "3", "--seq-len", "64",
+                 "--batch-size", "4", "--eval-every", "10", "--threads", "1"]) == 0
+    return root / "pre" / "model"
+
+
+@pytest.fixture(scope="module")
+def sft_model(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert main(["sft", "--init", str(base), "--out", str(out), "--examples", "60", "--max-steps", "3",
+                 "--seq-len", "128", "--batch-size", "2", "--threads", "1", "--families", "chain_sum",
+                 "count_bits"]) == 0
+    return out / "model"
+
+
+def test_sft_loss_mask(base):
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(base)
+    row = trace_row("What is 2 + 3?", ["2 + 3 = 5"], "5")
+    ids, mask = encode_row(tok, row)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])  # no loss on the prompt
+    assert all(mask[len(prompt):]) and ids[-1] == tok.eos_id  # the thought, answer and eos are trained
+    assert tok.decode(ids[len(prompt):-1]) == "2 + 3 = 5\n</think>\n\n5"
+    # the same row written inline (<think>…</think>answer) encodes the same
+    inline = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
+                           {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n\n5"}]}
+    assert encode_row(tok, inline) == (ids, mask)
+    # packing keeps examples whole; targets are -100 outside the assistant's tokens
+    w_ids, w_mask, cut = pack(tok, [row] * 7, 40)
+    assert cut == 0 and w_ids.shape[1] == 41
+    x, y = MaskedLoader(w_ids, w_mask, batch=2, shuffle=False).next()
+    t, m = torch.from_numpy(w_ids[:2, 1:]), torch.from_numpy(w_mask[:2, 1:])
+    assert x.shape == (2, 40) and m.any() and torch.equal(y[m], t[m]) and (y[~m] == -100).all()
+
+
+def test_sft_bad_datasets(base, tmp_path):
+    out = tmp_path / "run"
+    for text, msg in (('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n'
+                       '{"messages": [oops\n', "bad.jsonl:2: not valid JSON"),
+                      ('{"prompt": "no messages"}\n', "non-empty 'messages'"),
+                      ('{"messages": [{"role": "user", "content": "hi"}]}\n', "last message must be the assistant"),
+                      ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
+                       "needs a role"),
+                      ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}\n',
+                       "string content")):
+        (tmp_path / "bad.jsonl").write_text(text)
+        r = cli("sft", "--init", str(base), "--out", str(out), "--data", str(tmp_path / "bad.jsonl"))
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()  # nothing written
+
+
+def test_sft_model_writes_the_format(sft_model):
+    cfg = json.loads((sft_model / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    run = sft_model.parent
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    assert (run / "ledger.json").is_file() and (run / "sft_data.jsonl").is_file()
+
+
+def weights(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def strip(rows):
+    timing = {"rollout_seconds", "reward_seconds", "train_seconds", "step_seconds", "rollout_share",
+              "rollout_tokens_per_s"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def test_grpo_resume_is_bit_identical(sft_model, tmp_path):
+    """β > 0 (a reference), μ = 2 with 2 minibatches (π_old differs from π_θ): stopped after step 3 and resumed from
+    the step-2 checkpoint, the run ends with the same weights and the same metrics as one that never stopped."""
+    args = ["rl", "--init", str(sft_model), *RL, "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
+            "--beta", "0.01", "--mu", "2", "--minibatches", "2", "--temperature", "1.0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*args, "--out", str(a)]) == 0
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(b), "--stop-after", "3"])
+    assert main([*args, "--out", str(b), "--resume", "auto"]) == 0
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rb] == [1, 2, 3, 4] and strip(ra) == strip(rb)
+    row = ra[-1]
+    for key in ("reward", "reward/accuracy", "reward/format", "accuracy", "response_length", "kl", "clip_fraction",
+                "entropy", "rollout_share"):
+        assert row[key] is not None and row[key] == row[key], key  # present, not NaN
+    assert not torch.equal(weights(sft_model)["model.norm.weight"], wa["model.norm.weight"])  # it trained
+    assert (a / "reference" / "config.json").is_file() and (a / "samples" / "step_000004.md").is_file()
+    evals = [json.loads(l) for l in (a / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    ledger = json.loads((a / "ledger.json").read_text())
+    assert ledger["rollout_tokens"] > 0 and ledger["flops"] > 0
+
+
+@pytest.mark.parametrize("loss", ["dr_grpo", "dapo"])
+def test_grpo_loss_variants_run(sft_model, tmp_path, loss):
+    assert main(["rl", "--init", str(sft_model), "--out", str(tmp_path / loss), *RL, "--max-steps", "1",
+                 "--loss", loss, "--beta", "0", "--clip-eps-high", "0.28", "--eval-every", "5"]) == 0
+    assert not (tmp_path / loss / "reference").exists()  # β = 0 keeps no reference
+    row = json.loads((tmp_path / loss / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] is None and row["loss"] == row["loss"]
+
+
+def test_grpo_rewards_that_fail(sft_model, tmp_path):
+    (tmp_path / "userrw.py").write_text(
+        "def flaky(c, p):\n    if '</think>' not in c:\n        raise RuntimeError('no answer')\n    return 0.5\n"
+        "def broken(c, p):\n    return None\n"
+        "def zero(c, p):\n    return 0\n")
+    env_path = f"{tmp_path}"
+    import os
+    env = {**os.environ, "PYTHONPATH": env_path + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base_args = ["-m", "nanoseek", "rl", "--init", str(sft_model), *RL, "--max-steps", "2", "--eval-every", "5",
+                 "--beta", "0"]
+
+    def run(out, *rewards):
+        return subprocess.run([sys.executable, *base_args, "--out", str(out),
+                               *[x for r in rewards for x in ("--reward", r)]],
+                              capture_output=True, text=True, timeout=300, env=env)
+    # missing module / function, wrong type at the probe: one line, exit 1, nothing written
+    for spec, msg in (("nosuch_mod:f", "cannot import module"), ("userrw:nosuch", "has no attribute"),
+                      ("userrw:broken", "returned NoneType")):
+        r = run(tmp_path / "x", spec)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "x").exists()
+    # a reward that raises on some completions and one that is always zero: reported, the run goes on
+    r = run(tmp_path / "y", "accuracy", "userrw:flaky=0.2", "userrw:zero")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    assert "reward 'userrw:zero' has been 0 for every completion" in text
+    rows = [json.loads(l) for l in (tmp_path / "y" / "metrics.jsonl").read_text().splitlines()]
+    errors = sum(row["reward_errors"]["userrw:flaky"] for row in rows)
+    if errors:
+        assert "reward 'userrw:flaky' failed on" in text and "no answer" in text
+    assert all("reward/userrw:zero" in row for row in rows)
+
+
+def test_eval_and_report(sft_model, tmp_path):
+    out = tmp_path / "eval" / "sft"
+    assert main(["eval", "--checkpoint", str(sft_model), "--out", str(out), "--problems", "3", "-k", "3",
+                 "--max-new-tokens", "10", "--budgets", "0,4,none", "--budget-samples", "1", "--threads", "1",
+                 "--families", "chain_sum", "count_bits"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["families"]) == {"chain_sum", "count_bits", "basic_arithmetic"} and res["heldout"] == \
+        ["basic_arithmetic"]
+    for s in res["families"].values():
+        assert s["problems"] == 3 and 0 <= s["pass@1"] <= s["pass@3"] <= 1
+    assert [e["budget"] for e in res["tts"]] == [0, 4, None]
+    assert all(v["thinking_tokens"] == 0 for v in res["tts"][0]["families"].values())  # budget 0: no thinking
+    assert all(v["thinking_tokens"] <= 4 for v in res["tts"][1]["families"].values())
+    assert (out / "tts.png").stat().st_size > 1000 and "pass@1" in (out / "eval.md").read_text()
+    # a run directory with the eval of two models (here the same one twice) and the SFT run -> report
+    run = tmp_path
+    (run / "eval" / "rl").mkdir()
+    (run / "eval" / "rl" / "eval.json").write_text((out / "eval.json").read_text())
+    (run / "sft").symlink_to(sft_model.parent)
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "GRPO − SFT, trained families: +0.000 ± 0.000" in text and "## Cost" in text
+    assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "tts.png").is_file()
+    r = cli("eval", "--checkpoint", str(sft_model), "--out", str(tmp_path / "e2"), "--budgets", "4,many")
+    assert r.returncode == 1 and "'many' is not a number" in r.stderr
+
+
+def test_distill(sft_model, base, tmp_path, monkeypatch):
+    # a student whose tokenizer differs from the teacher's: one line, nothing written
+    other = tmp_path / "other"
+    assert main(["tokenizer", "--out", str(tmp_path / "tok"), "--docs", "200", "--vocab-size", "300"]) == 0
+    assert main(["init", "--preset", "tiny", "--out", str(other), "--tokenizer", str(tmp_path / "tok")]) == 0
+    r = cli("distill", "--teacher", str(sft_model), "--student", str(other), "--out", str(tmp_path / "d0"))
+    assert r.returncode == 1 and "different tokenizers" in r.stderr and not (tmp_path / "d0").exists(), r.stderr
+    # with a verifier that accepts everything well formed, the kept samples become the student's SFT data
+    import nanoseek.rl.rewards as R
+    monkeypatch.setattr(R, "accuracy_reward", lambda c, p: 1.0)
+    monkeypatch.setattr(R, "format_reward", lambda c, p: 1.0)
+    out = tmp_path / "d1"
+    assert main(["distill", "--teacher", str(sft_model), "--student", str(base), "--out", str(out),
+                 "--families", "chain_sum", "--prompts-per-family", "6", "--samples", "2", "--keep-per-prompt", "1",
+                 "--max-new-tokens", "8", "--max-steps", "2", "--seq-len", "64", "--batch-size", "1",
+                 "--threads", "1"]) == 0
+    rows = [json.loads(l) for l in (out / "distill_data.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert (out / "sft" / "model" / "config.json").is_file()
