@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
-# The main job on a CPU: installs what it needs into .venv, then runs nanoseek end to end on 2 cores.
-# Today: generate the embedded reasoning corpus (reasoning-gym, locally), train the tokenizer, pretrain the tiny
-# MoE + MLA + MTP model (~10 minutes), and print where the model is and what it cost. SFT and GRPO join as they land.
-# Re-running continues the same run (--resume auto); OUT=dir chooses another directory; extra flags go to pretrain.
+# The main job on a CPU: installs what it needs into .venv, then runs the whole R1 recipe on 2 cores in about 30 min:
+#   corpus (reasoning-gym, generated locally) -> tokenizer -> pretrain the tiny MoE + MLA + MTP model
+#   -> cold-start SFT (<think> traces) -> eval -> GRPO with verifiable rewards -> eval -> report.md + plots
+# Every stage resumes where it stopped (re-run the same command after a crash); OUT=dir chooses another directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-out/speedrun}
-.venv/bin/nanoseek pretrain --preset tiny --out "$OUT" --resume auto "$@"
+NS=.venv/bin/nanoseek
+FAMILIES="chain_sum simple_equations letter_counting spell_backward count_bits"
+t0=$(date +%s)
+stage() { echo; echo "=== $1  ($(( ($(date +%s) - t0) / 60 )) min so far)"; }
+
+stage "pretrain"
+$NS pretrain --preset tiny --out "$OUT/pretrain" --resume auto
+stage "cold-start SFT"
+$NS sft --init "$OUT/pretrain/model" --out "$OUT/sft" --resume auto --families $FAMILIES
+stage "eval of the SFT model"
+[ -f "$OUT/eval/sft/eval.json" ] || $NS eval --checkpoint "$OUT/sft/model" --out "$OUT/eval/sft" --label sft \
+  --families $FAMILIES
+stage "GRPO"
+$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES
+stage "eval of the GRPO model"
+[ -f "$OUT/eval/rl/eval.json" ] || $NS eval --checkpoint "$OUT/rl/model" --out "$OUT/eval/rl" --label rl \
+  --families $FAMILIES
+stage "report"
+$NS report "$OUT"
 echo
-echo "try it:  .venv/bin/nanoseek generate --checkpoint $OUT/model --temperature 0 --max-new-tokens 40 \\"
-echo "           --prompt \$'Problem: Spell this word backward (example: sun -> nus): water\\nSolution:\\n'"
+echo "done in $(( ($(date +%s) - t0) / 60 )) min. The report: $OUT/report.md (plots in $OUT/plots/)"
+echo "chat with it:   .venv/bin/nanoseek chat --checkpoint $OUT/rl/model"
+echo "serve it:       .venv/bin/nanoseek serve $OUT/rl/model   (OpenAI API + chat page at http://127.0.0.1:8000)"

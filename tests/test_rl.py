@@ -214,3 +214,21 @@ def test_distill(sft_model, base, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (out / "distill_data.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert (out / "sft" / "model" / "config.json").is_file()
+
+
+def test_grpo_two_ranks_equal_one_process(sft_model, tmp_path):
+    """torchrun, 2 gloo ranks, each rolling out half of the step's problems: the same rollouts (seeds follow the
+    sample's global index), rewards and, the per-sequence mean being averaged by DDP, the same update."""
+    args = [*RL, "--max-steps", "2", "--eval-every", "5", "--beta", "0.01"]
+    assert main(["rl", "--init", str(sft_model), "--out", str(tmp_path / "one"), *args]) == 0
+    exe = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(exe), "--nproc_per_node", "2", "-m", "nanoseek", "rl", "--init", str(sft_model),
+                        "--out", str(tmp_path / "two"), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        assert x["reward"] == y["reward"] and x["response_length"] == y["response_length"]
+        assert abs(x["entropy"] - y["entropy"]) < 1e-4 * abs(x["entropy"])
+    wa, wb = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4

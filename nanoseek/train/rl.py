@@ -6,7 +6,7 @@ from the run's seed, the step and its index, so rollouts do not depend on batchi
 the reward functions (weighted sum; each logged by name), turns the rewards into group z-scores, and takes
 `--mu` passes of PPO-clipped updates over them (`--minibatches` optimizer steps per pass), with a k3 KL penalty to the
 frozen starting model when `--beta` > 0 (β = 0 keeps no reference). The loss normalisation is `--loss` (grpo, dr_grpo,
-dapo; see rl/grpo.py); `--clip-eps-high` makes the clip asymmetric. The router bias stays as the checkpoint left it.
+dapo; see rl/grpo.py); `--clip-eps-high` makes the clip asymmetric. The router bias and the MTP module stay as the checkpoint left them.
 
 Every step writes a metrics.jsonl row: each reward's mean, accuracy, response length, KL, clip fraction, entropy,
 the share of the step spent on rollouts; each eval writes the accuracy and a table of sample prompts, completions and
@@ -232,6 +232,8 @@ def main(args) -> dict:
         if d.main:
             print(f"resumed from {ck} (step {step})", flush=True)
     raw = model
+    for p in raw.mtp.parameters():  # RL trains the main head only; the MTP module (a draft model) stays as it was
+        p.requires_grad_(False)
     policy = wrap(raw, d, "ddp")
     opt = torch.optim.AdamW(param_groups(raw, 0.0), lr=args.lr, betas=(0.9, 0.99), eps=1e-8,
                             fused=d.device.type == "cuda")
