@@ -1,6 +1,7 @@
-"""Decoding, side by side in one run on the same weights: nanoseek's engine (latent cache, absorbed MLA) against
-`transformers`' `generate` (DynamicCache, naive MLA) at batch 1; the KV-cache bytes per token of both forms against
-the formula; batched throughput of the engine at batch 1, 8 and 32.
+"""Decoding, side by side in one run on the same weights: nanoseek's engine (latent cache, absorbed MLA; its decode
+step compiled, `Engine(compile=True)`, and eager) against `transformers`' `generate` (DynamicCache, naive MLA) at
+batch 1; the KV-cache bytes per token of both forms against the formula; batched throughput of the compiled engine at
+batch 1, 8 and 32. Compiling happens in a warm-up run before the timed ones; its time is printed.
 
     .venv/bin/python bench/decode.py
     .venv/bin/python bench/decode.py --device cuda --sizes small
@@ -63,8 +64,8 @@ def main():
         prompt = torch.randint(3, margs.vocab_size, (args.prompt,), generator=g).tolist()
         sp = SamplingParams(max_tokens=args.new, temperature=0, ignore_eos=True)
 
-        def ours():
-            eng = Engine(model, max_batch=1, max_len=args.prompt + args.new + 1)
+        def ours(compile=True):
+            eng = Engine(model, max_batch=1, max_len=args.prompt + args.new + 1, compile=compile)
             return eng.generate([prompt], sp)[0].output
 
         def theirs():
@@ -73,24 +74,32 @@ def main():
                                   min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
             return out[0, args.prompt:].tolist()
 
-        a, b = ours(), theirs()
+        t = time.perf_counter()
+        a = ours()  # compiles the batch-1 decode step
+        t_compile = time.perf_counter() - t
+        b, c = theirs(), ours(compile=False)
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        times = {"nanoseek engine": [], "transformers generate": []}
+        agree_eager = next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), len(a))
+        times = {"nanoseek engine": [], "transformers generate": [], "nanoseek eager": []}
         for _ in range(args.reps):
-            for name, fn in (("nanoseek engine", ours), ("transformers generate", theirs)):
+            for name, fn in (("nanoseek engine", ours), ("transformers generate", theirs),
+                             ("nanoseek eager", lambda: ours(compile=False))):
                 sync(device)
                 t = time.perf_counter()
                 fn()
                 sync(device)
                 times[name].append(time.perf_counter() - t)
-        t_ns, t_hf = (statistics.median(times[k]) for k in times)
-        print(f"\n[{size}] greedy outputs agree on the first {agree} of {args.new} tokens")
+        t_ns, t_hf, t_eager = (statistics.median(times[k]) for k in times)
+        print(f"\n[{size}] greedy outputs agree on the first {agree} of {args.new} tokens (compiled vs transformers), "
+              f"{agree_eager} (compiled vs eager); compiling the decode step took {t_compile:.1f} s")
         print(f"  bs=1  nanoseek engine        {args.new / t_ns:8.1f} tok/s   (prefill + {args.new} decode steps, "
               f"{t_ns:.2f} s)")
         print(f"  bs=1  transformers generate  {args.new / t_hf:8.1f} tok/s   ({t_hf:.2f} s)   -> nanoseek "
               f"{t_hf / t_ns:.2f}x")
+        print(f"  bs=1  nanoseek eager         {args.new / t_eager:8.1f} tok/s   ({t_eager:.2f} s)   -> "
+              f"{t_hf / t_eager:.2f}x transformers")
         eng = Engine(model, max_batch=1, max_len=args.prompt + args.new + 1)
-        el = eng.cache.kv.element_size()
+        el = eng.cache.kv[0].element_size()
         mla = margs.num_hidden_layers * (margs.kv_lora_rank + margs.qk_rope_head_dim) * el
         naive = margs.num_hidden_layers * margs.num_attention_heads * (margs.qk_head_dim + margs.v_head_dim) * el
         from transformers import DynamicCache
@@ -103,14 +112,19 @@ def main():
               f"{el} = {mla}); naive per-head k,v formula {naive}; transformers' DynamicCache holds "
               f"{hf_bytes:.0f} ({hf_bytes / eng.cache.bytes_per_token:.1f}x ours)")
         for bs in (1, 8, 32):
-            eng = Engine(model, max_batch=bs, max_len=args.prompt + args.new + 1)
             prompts = [torch.randint(3, margs.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(bs)]
+            t = time.perf_counter()  # warm-up: compiles the step for batches of more than one, the first time
+            Engine(model, max_batch=bs, max_len=args.prompt + args.new + 1, compile=True).generate(
+                prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            t_warm = time.perf_counter() - t
+            eng = Engine(model, max_batch=bs, max_len=args.prompt + args.new + 1, compile=True)
             sync(device)
             t = time.perf_counter()
             eng.generate(prompts, sp)
             sync(device)
             dt = time.perf_counter() - t
-            print(f"  batch {bs:3d}: {bs * args.new / dt:9.1f} tok/s aggregate ({dt:.2f} s for {bs} x {args.new})")
+            print(f"  batch {bs:3d}: {bs * args.new / dt:9.1f} tok/s aggregate ({dt:.2f} s for {bs} x {args.new}; "
+                  f"warm-up {t_warm:.1f} s)")
     if args.checkpoint:
         speculative(args.checkpoint, args.data)
 

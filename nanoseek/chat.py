@@ -88,7 +88,7 @@ def main(args) -> None:
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:
         raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; chat needs one")
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, compile=getattr(args, "compile", False))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, thinking_budget=args.think_budget).validate()
     color = sys.stdout.isatty() and not args.no_color
@@ -121,3 +121,5 @@ def add_args(sp) -> None:
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     sp.add_argument("--seed", type=int, default=None, help="sampling seed")
     sp.add_argument("--no-color", action="store_true", help="mark thinking with [thinking] instead of dim text")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (several times faster per token; ~15 s to compile first)")

@@ -19,7 +19,9 @@ next; one forward over [next, draft] verifies it — greedy: kept if the model a
 min(1, p/q), else replaced from the residual, so the output distribution is exactly the model's.
 """
 
+import functools
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -89,23 +91,45 @@ def speculative_choice(p: torch.Tensor, q: torch.Tensor, draft: int, generator=N
 
 
 class KVCache:
-    """Latent cache rows [layers, slots, max_len, kv_lora_rank] and [layers, slots, max_len, qk_rope_head_dim]."""
+    """Latent cache rows, per layer: kv[l] [slots, max_len, kv_lora_rank] and pe[l] [slots, max_len,
+    qk_rope_head_dim]. One tensor per layer, not one stacked tensor, so that a compiled step writes each in place
+    (a write into a view of a stacked graph input is copied back whole)."""
 
     def __init__(self, args, slots: int, max_len: int, device, dtype, layers: int | None = None):
         L = args.num_hidden_layers if layers is None else layers
-        self.kv = torch.zeros(L, slots, max_len, args.kv_lora_rank, device=device, dtype=dtype)
-        self.pe = torch.zeros(L, slots, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
-        self.max_len = max_len
+        self.kv = [torch.zeros(slots, max_len, args.kv_lora_rank, device=device, dtype=dtype) for _ in range(L)]
+        self.pe = [torch.zeros(slots, max_len, args.qk_rope_head_dim, device=device, dtype=dtype) for _ in range(L)]
+        self.max_len, self.dtype = max_len, dtype
 
     @property
     def bytes_per_token(self) -> int:
-        L = self.kv.shape[0]
-        return L * (self.kv.shape[-1] * self.kv.element_size() + self.pe.shape[-1] * self.pe.element_size())
+        return len(self.kv) * (self.kv[0].shape[-1] + self.pe[0].shape[-1]) * self.kv[0].element_size()
+
+
+def model_forward(model, cache_kv, cache_pe, ids, slots, start, absorb: bool, length: int | None = None):
+    """The model over the latent cache (cache_kv, cache_pe: KVCache.kv, .pe): see Engine.forward."""
+    pos = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    cos, sin = model.rotary(pos)
+    x = model.embed_tokens(ids)
+    for l, layer in enumerate(model.layers):
+        x = x + layer.self_attn.forward_cached(layer.input_layernorm(x), cos, sin, cache_kv[l], cache_pe[l], slots,
+                                               start, absorb, length)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    h = model.norm(x)
+    return model.lm_head(h), h
+
+
+@functools.cache
+def compiled_forward():
+    """`model_forward` through torch.compile, once per process; it compiles on the first call per new shape. The C++
+    wrapper (inductor's cpp_wrapper) runs the graph's ~40 kernels without a Python line between them: at a decode
+    step's size that overhead is what is left to cut."""
+    return torch.compile(model_forward, options={"cpp_wrapper": True})
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, absorb: bool = True,
-                 dtype=None, speculative: bool = False):
+                 dtype=None, speculative: bool = False, compile: bool = False):
         self.model = model.eval()
         self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.args = model.args
@@ -113,11 +137,12 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.cache = KVCache(self.args, max_batch, self.max_len, self.device, dtype or model.lm_head.weight.dtype)
         self.absorb = absorb
+        self.compile = compile and absorb  # decode steps through torch.compile (see `decode`)
         if speculative and not len(model.mtp):
             raise NanoseekError("speculative decoding needs the MTP module, and this checkpoint has none")
         self.speculative = speculative
         if speculative:  # the MTP block attends over its own latent cache
-            self.mtp_cache = KVCache(self.args, max_batch, self.max_len, self.device, self.cache.kv.dtype, layers=1)
+            self.mtp_cache = KVCache(self.args, max_batch, self.max_len, self.device, self.cache.dtype, layers=1)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         self.free = list(range(max_batch))
         self.waiting: list[Request] = []
@@ -167,19 +192,31 @@ class Engine:
 
     # ---- the model ----
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, absorb: bool):
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, absorb: bool,
+                length: int | None = None):
         """ids [n, T] at positions start[i] + t of cache rows `slots` -> logits [n, T, V] and the final normed hidden
-        states [n, T, D] (writes the cache)."""
-        m = self.model
-        pos = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
-        cos, sin = m.rotary(pos)
-        x = m.embed_tokens(ids)
-        for l, layer in enumerate(m.layers):
-            x = x + layer.self_attn.forward_cached(layer.input_layernorm(x), cos, sin, self.cache.kv[l],
-                                                   self.cache.pe[l], slots, start, absorb)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        h = m.norm(x)
-        return m.lm_head(h), h
+        states [n, T, D] (writes the cache). length: attend over that many cache positions (see MLA.forward_cached)."""
+        return model_forward(self.model, self.cache.kv, self.cache.pe, ids, slots, start, absorb, length)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """One token for each of n sequences (ids [n, 1]) -> logits [n, V]. compile=True: the compiled step, which
+        attends over the whole cache (masked) so that its shapes do not change from token to token; batch 1 gets
+        one graph, other batch sizes share one with a dynamic batch dim. If compiling fails: eager from then on.
+        Compiled, each token reads its K experts' weights (Experts.gathered): past n·K = 2·E expert reads the eager
+        grouped GEMM, which reads each expert once, is faster (measured on cpu-large), so larger batches stay eager."""
+        E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 0
+        if self.compile and (not E or len(ids) * K <= 2 * E):
+            if len(ids) > 1:  # continuous batching changes n every few steps: one graph for all n > 1
+                for t in (ids, slots, start):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            try:
+                return compiled_forward()(self.model, self.cache.kv, self.cache.pe, ids, slots, start, True,
+                                          self.max_len)[0][:, -1]
+            except Exception as e:  # the compiler is optional: say why once, then decode eagerly
+                warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on ({e!r})")
+                self.compile = False
+        return self.forward(ids, slots, start, absorb=self.absorb)[0][:, -1]
 
     @torch.no_grad()
     def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -307,8 +344,7 @@ class Engine:
             ids = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
             slots = torch.tensor([r.slot for r in batch], device=self.device)
             start = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in batch], device=self.device)
-            logits, _ = self.forward(ids, slots, start, absorb=self.absorb)
-            for r, lg in zip(batch, logits[:, -1]):
+            for r, lg in zip(batch, self.decode(ids, slots, start)):
                 self._accept(r, self._sample(r, lg))
                 touched.append(r)
         for r in touched:

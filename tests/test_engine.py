@@ -1,7 +1,9 @@
 """The engine: greedy decoding with the latent cache (absorbed and naive attention) equals greedy decoding by repeated
 full forwards; batches of different lengths and requests that join a running batch give the same tokens as each
 alone; seeded sampling is reproducible and independent of the batch; top-k/top-p keep the right tokens; stop rules;
-the thinking budget closes the thought; the cache holds kv_lora_rank + qk_rope_head_dim numbers per token per layer."""
+the thinking budget closes the thought; the cache holds kv_lora_rank + qk_rope_head_dim numbers per token per layer;
+the compiled decode step (torch.compile, static cache) gives the eager step's logits and tokens, and a compiler failure
+falls back to eager."""
 
 import pytest
 import torch
@@ -203,3 +205,37 @@ def test_speculative_sampling_reproducible(model):
         runs.append([r.output for r in eng.generate(prompts()[:2], sp)])
         assert eng.spec_stats["drafted"] > 0
     assert runs[0] == runs[1] and all(len(o) == 12 for o in runs[0])
+
+
+def test_compiled_decode_equals_eager(model):
+    """Engine(compile=True) decodes through torch.compile (batch 1, then a dynamic batch); same tokens as eager."""
+    ps, sp = prompts(), [SamplingParams(max_tokens=n, temperature=0) for n in (6, 9, 4, 7)]
+    outs = {}
+    for compile in (False, True):
+        eng = Engine(model, max_batch=2, compile=compile)
+        eng.eos = -1
+        outs[compile] = [r.output for r in eng.generate(ps, sp)]
+        assert eng.compile == compile  # compiled all the way: no fallback
+    assert outs[True] == outs[False]
+    eng = Engine(model, max_batch=2, compile=True)
+    eng.forward(torch.tensor([ps[1]]), torch.tensor([1]), torch.zeros(1, dtype=torch.long), absorb=False)  # prefill
+    ids, slots, start = torch.tensor([[7]]), torch.tensor([1]), torch.tensor([len(ps[1])])
+    compiled = eng.decode(ids, slots, start)
+    eng.compile = False
+    assert torch.allclose(compiled, eng.decode(ids, slots, start), atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(model, monkeypatch):
+    import nanoseek.engine as engine
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(engine, "compiled_forward", broken)
+    eng = Engine(model, max_batch=1, compile=True)
+    eng.eos = -1
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = eng.generate([prompts()[0]], SamplingParams(max_tokens=5, temperature=0))[0].output
+    assert out == greedy_reference(model, prompts()[0], 5) and not eng.compile

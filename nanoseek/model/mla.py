@@ -54,7 +54,8 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
 
-    def forward_cached(self, x, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True):
+    def forward_cached(self, x, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True,
+                       length: int | None = None):
         """Attention with the latent cache, for prefill and decode.
 
         x [n, T, D] are the next T tokens of n sequences held in cache rows `slots` [n], sequence i starting at
@@ -62,7 +63,9 @@ class MLA(nn.Module):
         cache_pe [slots_total, S, rope] at those positions; each query then attends to every cached position up to its
         own. absorb=True: W_UK is folded into the query and W_UV applied after attention, so attention runs over the
         latent itself (cost per key: kv_lora_rank + rope). absorb=False: the latent is expanded to per-head k and v
-        (the naive form, kept for checking). Both read and write the same cache.
+        (the naive form, kept for checking). Both read and write the same cache. length: attend over the first
+        `length` cache positions (masked) instead of up to the furthest query: fixed shapes and no host sync, for a
+        compiled decode step.
         """
         n, T, _ = x.shape
         H, dn, dv, r = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
@@ -71,7 +74,7 @@ class MLA(nn.Module):
         pos = start[:, None] + torch.arange(T, device=x.device)  # (n, T)
         cache_kv[slots[:, None], pos] = c_kv.to(cache_kv.dtype)
         cache_pe[slots[:, None], pos] = k_pe.to(cache_pe.dtype)
-        S = int(pos.max()) + 1
+        S = int(pos.max()) + 1 if length is None else length
         kv, pe = cache_kv[slots, :S].to(x.dtype), cache_pe[slots, :S].to(x.dtype)  # (n, S, r), (n, S, dr)
         allowed = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # (n, T, S)
         w = self.kv_b_proj.weight.view(H, dn + dv, r)

@@ -16,6 +16,8 @@ balance loss L_Bal = α Σ_i f_i P_i (V3 eqs. 17-20), computed in training when 
 Experts hold their weights stacked, [E, inter, hidden], so two implementations share one set of parameters:
 `reference` loops over experts as the paper reads; `grouped` (the default) sorts the (token, expert) pairs by expert and
 runs each projection as one grouped GEMM (`grouped_mm`), with no Python loop over experts and no host-device sync.
+Decoding a few tokens it hands over to `few` (eager, on a CPU: only the chosen experts, on weight views) or, inside a
+compiled decode step, to `gathered` (each token against its experts' weights, fused by the compiler).
 """
 
 import torch
@@ -135,9 +137,19 @@ class Experts(nn.Module):
                 y[t] += F.linear(F.silu(gate) * up, self.down_proj[e]) * w
         return y
 
+    def gathered(self, x, weights, indices):
+        """Few tokens in a compiled graph (decoding): each token against its K experts' weights. Written as multiply
+        and sum so that the compiler fuses the indexing into one reduction that reads each chosen weight once (eager,
+        the indexing would copy the weights, and a matmul would make the compiler copy them too)."""
+        gate, up = (x[:, None, None, :] * self.gate_up_proj[indices]).sum(-1).chunk(2, dim=-1)  # [N, K, I] each
+        h = F.silu(gate) * up * weights[..., None].to(x.dtype)
+        return (h[:, :, None, :] * self.down_proj[indices]).sum((1, 3))  # [N, D]
+
     def grouped(self, x, weights, indices):
         """Sort the N·K (token, expert) pairs by expert, then one grouped GEMM per projection."""
         E, K = self.gate_up_proj.shape[0], indices.shape[1]
+        if indices.numel() <= 2 * E and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            return self.gathered(x, weights, indices)  # a compiled decode step (grouped_mm does not compile on a CPU)
         if indices.numel() < E and not torch.is_grad_enabled() and x.device.type == "cpu":
             return self.few(x, weights, indices)
         flat = indices.flatten()  # [N*K]

@@ -446,7 +446,7 @@ def main(args) -> None:
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:
         raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; serving needs one")
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, compile=getattr(args, "compile", False))
     name = args.model_name or model.args.extra.get("_name_or_path") or "nanoseek"
     app = create_app(engine, name, args.api_key, args.max_queue)
     print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{args.port} "
@@ -461,5 +461,7 @@ def add_args(sp) -> None:
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on every route but /health")
     sp.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sp.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (several times faster per token; compiles on first use)")
     sp.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     sp.add_argument("--model-name", default=None, help="the model id clients use (default: nanoseek)")
