@@ -21,7 +21,7 @@ stage "eval of the SFT model"
 [ -f "$OUT/eval/sft/eval.json" ] || $NS eval --checkpoint "$OUT/sft/model" --out "$OUT/eval/sft" --label sft \
   --families $FAMILIES
 stage "GRPO"
-$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES
+$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES --max-steps 150
 stage "eval of the GRPO model"
 [ -f "$OUT/eval/rl/eval.json" ] || $NS eval --checkpoint "$OUT/rl/model" --out "$OUT/eval/rl" --label rl \
   --families $FAMILIES
