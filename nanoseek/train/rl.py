@@ -203,6 +203,7 @@ def main(args) -> dict:
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mu": args.mu,
                 "minibatches": args.minibatches, "max_steps": args.max_steps}
     resuming = prepare_run_dir(out, identity, args.resume, d.main)
+    barrier()  # every rank has decided before the main one writes run.json
     if d.main and not resuming:
         (out / "run.json").write_text(json.dumps({"identity": identity, "args": vars(args)}, indent=1, default=str))
     (out / "samples").mkdir(parents=True, exist_ok=True) if d.main else None

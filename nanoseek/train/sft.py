@@ -111,6 +111,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
                 "seed": args.seed, "seq_len": args.seq_len, "batch": args.batch_size * d.world,
                 "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
     resuming = prepare_run_dir(out, identity, args.resume, d.main)
+    barrier()  # every rank has decided before the main one writes run.json
     if tok.vocab_size > model.args.vocab_size:
         raise NanoseekError(f"{init}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
     ids, mask, cut = pack(tok, train_rows, args.seq_len)
