@@ -153,15 +153,6 @@ def cmd_data(args):
     print(f"vocabulary {meta['vocab_size']}; {perplexity_note(meta)} -> {args.out}")
 
 
-def cmd_pretrain(args):
-    from nanoseek.parallel import shutdown
-    from nanoseek.train.pretrain import main as pretrain
-    try:
-        pretrain(args)
-    finally:
-        shutdown()
-
-
 def _distributed(main):
     """Run a trainer's main; the process group (under torchrun) is destroyed however it ends."""
     def run(args):
@@ -171,6 +162,11 @@ def _distributed(main):
         finally:
             shutdown()
     return run
+
+
+def cmd_pretrain(args):
+    from nanoseek.train.pretrain import main as pretrain
+    _distributed(pretrain)(args)
 
 
 def cmd_sft(args):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.data.loader import WindowOrder
 from nanoseek.errors import NanoseekError
 
 # seed offsets of the problem sets (pretraining uses seed*1000 + i for train, +500 val, +900 held-out)
@@ -130,39 +131,21 @@ def pack(tok, rows: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray, i
     return np.asarray(windows, dtype=np.int64).reshape(-1, W), np.asarray(masks, dtype=np.bool_).reshape(-1, W), cut
 
 
-class MaskedLoader:
+class MaskedLoader(WindowOrder):
     """Batches of packed windows: inputs x and targets y, y = -100 where the loss mask is 0."""
+
+    changed = "the SFT data changed since the checkpoint; resume with the same data and --seq-len"
 
     def __init__(self, ids: np.ndarray, mask: np.ndarray, batch: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True):
         self.ids, self.mask = ids, mask
-        self.batch, self.rank, self.world, self.seed, self.shuffle = batch, rank, world, seed, shuffle
-        self.n_windows = len(ids)
+        super().__init__(len(ids), batch, rank, world, seed, shuffle)
         if self.n_windows < batch * world:
             raise NanoseekError(f"the SFT data packs into {self.n_windows} windows: too few for one batch of "
                                 f"{batch * world} (lower --batch-size / --seq-len or add rows)")
-        self.epoch, self.cursor, self._order = 0, 0, None
-
-    def order(self) -> np.ndarray:
-        if self._order is None:
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-                           if self.shuffle else np.arange(self.n_windows))
-        return self._order
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.batch * self.world
-        if self.cursor + g > self.n_windows:
-            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        idx = self.order()[self.cursor + self.rank * self.batch: self.cursor + (self.rank + 1) * self.batch]
-        self.cursor += g
+        idx = self.next_indices()
         ids, mask = self.ids[idx], self.mask[idx]
         y = np.where(mask[:, 1:], ids[:, 1:], -100)
         return torch.from_numpy(ids[:, :-1].copy()), torch.from_numpy(y)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n_windows"] != self.n_windows:
-            raise NanoseekError("the SFT data changed since the checkpoint; resume with the same data and --seq-len")
-        self.epoch, self.cursor, self.seed, self._order = state["epoch"], state["cursor"], state["seed"], None

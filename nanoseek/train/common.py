@@ -131,6 +131,30 @@ def read_training_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return state, tensors
 
 
+def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict, tuple | None]:
+    """Load the newest complete checkpoint of a run into `model` and restore the RNG -> (its path, step, loop state,
+    (optimizer tensors, groups) for load_optimizer_tensors); (None, 0, {}, None) when there is none."""
+    from nanoseek.checkpoint import load_state_dict
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None, 0, {}, None
+    ck = found[-1]
+    sd = load_state_dict(ck, model.args, {k: v.shape for k, v in model.state_dict().items()})
+    model.load_state_dict({k: v.to(device) for k, v in sd.items()})
+    state, tensors = read_training_checkpoint(ck)
+    opt_state = (tensors, state.pop("optimizer_groups"))
+    set_rng_state(state["rng"])
+    return ck, state["step"], state, opt_state
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU: a context-manager factory."""
+    import contextlib
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def rng_state() -> dict:
     s = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():

@@ -106,7 +106,7 @@ def evaluate(model, loaders: dict, batches: int, autocast) -> dict:
     out = {}
     with torch.no_grad(), autocast():
         for name, loader in loaders.items():
-            loader.epoch, loader.cursor, loader._order = 0, 0, None
+            loader.rewind()
             losses = []
             for _ in range(min(batches, loader.n_windows // (loader.batch * loader.world))):
                 x, y = loader.next()
@@ -140,9 +140,8 @@ def main(args) -> dict:
     from nanoseek.model import build_model
     from nanoseek.parallel import all_reduce, barrier, init_distributed, unwrap, wrap
     from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.common import (Metrics, Progress, gather_full, list_checkpoints, load_optimizer_tensors,
-                                       lr_factor, param_groups, read_training_checkpoint, rng_state,
-                                       save_training_checkpoint, set_rng_state)
+    from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors,
+                                       lr_factor, param_groups, resume_latest, rng_state, save_training_checkpoint)
     import torch.distributed as dist
 
     check_args(args)
@@ -197,20 +196,14 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(margs, device=d.device)
     step, state, opt_state = 0, {}, None
-    if resuming and list_checkpoints(out):
-        ck = list_checkpoints(out)[-1]
-        from nanoseek.checkpoint import load_state_dict
-        sd = load_state_dict(ck, margs, {k: v.shape for k, v in model.state_dict().items()})
-        model.load_state_dict({k: v.to(d.device) for k, v in sd.items()})
-        state, tensors = read_training_checkpoint(ck)
-        opt_state = (tensors, state.pop("optimizer_groups"))
-        train.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        if d.main:
-            print(f"resumed from {ck} (step {step})", flush=True)
-    elif resuming and d.main:
-        print(f"no complete checkpoint in {out}: starting from scratch", flush=True)
+    if resuming:
+        ck, step, state, opt_state = resume_latest(out, model, d.device)
+        if ck is not None:
+            train.load_state_dict(state["loader"])
+            if d.main:
+                print(f"resumed from {ck} (step {step})", flush=True)
+        elif d.main:
+            print(f"no complete checkpoint in {out}: starting from scratch", flush=True)
     raw = model
     model = wrap(model, d, args.parallel)
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2), eps=1e-8,
@@ -219,8 +212,7 @@ def main(args) -> dict:
         load_optimizer_tensors(opt, *opt_state)
     use_compile = args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda")
     fwd = torch.compile(model) if use_compile else model
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if d.device.type == "cuda" \
-        else contextlib.nullcontext
+    autocast = autocast_for(d.device)
 
     # ---- cost bookkeeping ----
     params = cost.count_params(margs)  # once: it builds the model on the meta device

@@ -170,13 +170,12 @@ def sample_table(step: int, acc: float, rows: list[dict], n: int = 12) -> str:
 
 
 def main(args) -> dict:
-    from nanoseek.checkpoint import load_state_dict, save_pretrained
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.data.chat import SEED_RL
     from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
     from nanoseek.rl import grpo, rewards as R
-    from nanoseek.train.common import (Metrics, Progress, gather_full, list_checkpoints, load_optimizer_tensors,
-                                       lr_factor, param_groups, read_training_checkpoint, rng_state,
-                                       save_training_checkpoint, set_rng_state)
+    from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors,
+                                       lr_factor, param_groups, resume_latest, rng_state, save_training_checkpoint)
     from nanoseek.train.pretrain import prepare_run_dir
     from nanoseek.train.sft import load_init
     import numpy as np
@@ -220,18 +219,13 @@ def main(args) -> dict:
             p.requires_grad_(False)
 
     step, state, opt_state = 0, {}, None
-    if resuming and list_checkpoints(out):
-        ck = list_checkpoints(out)[-1]
-        sd = load_state_dict(ck, model.args, {k: v.shape for k, v in model.state_dict().items()})
-        model.load_state_dict({k: v.to(d.device) for k, v in sd.items()})
-        state, tensors = read_training_checkpoint(ck)
-        opt_state = (tensors, state.pop("optimizer_groups"))
-        set_rng_state(state["rng"])
-        step = state["step"]
-        for rw in rewards:
-            rw.errors = state.get("reward_errors", {}).get(rw.name, 0)
-        if d.main:
-            print(f"resumed from {ck} (step {step})", flush=True)
+    if resuming:
+        ck, step, state, opt_state = resume_latest(out, model, d.device)
+        if ck is not None:
+            for rw in rewards:
+                rw.errors = state.get("reward_errors", {}).get(rw.name, 0)
+            if d.main:
+                print(f"resumed from {ck} (step {step})", flush=True)
     raw = model
     for p in raw.mtp.parameters():  # RL trains the main head only; the MTP module (a draft model) stays as it was
         p.requires_grad_(False)
@@ -240,8 +234,7 @@ def main(args) -> dict:
                             fused=d.device.type == "cuda")
     if opt_state is not None:
         load_optimizer_tensors(opt, *opt_state)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if d.device.type == "cuda" \
-        else contextlib.nullcontext
+    autocast = autocast_for(d.device)
     order_state = state.get("order", {"epoch": 0, "cursor": 0})
     nonzero = state.get("nonzero", {rw.name: 0 for rw in rewards})
     wall_before = state.get("wall_seconds", 0.0)

@@ -7,7 +7,6 @@ is pretraining's: AdamW, warmup + schedule, clipping, MTP loss, router-bias upda
 loss, atomic checkpoints with `--resume auto`, metrics.jsonl / eval.jsonl / ledger.json; under torchrun, DDP.
 """
 
-import contextlib
 import json
 import math
 import time
@@ -88,12 +87,11 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     """Fine-tune; `rows` (chat rows) and the run directory may be given directly (distillation), else they come
     from the flags."""
     from nanoseek import cost
-    from nanoseek.checkpoint import load_state_dict, save_pretrained
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.data.chat import MaskedLoader, pack
     from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
-    from nanoseek.train.common import (Metrics, Progress, gather_full, list_checkpoints, load_optimizer_tensors,
-                                       lr_factor, param_groups, read_training_checkpoint, rng_state,
-                                       save_training_checkpoint, set_rng_state)
+    from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors,
+                                       lr_factor, param_groups, resume_latest, rng_state, save_training_checkpoint)
     from nanoseek.train.pretrain import prepare_run_dir
     import torch.distributed as dist
 
@@ -124,31 +122,25 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
                                shuffle=False)
     if d.main and not resuming:
         (out / "run.json").write_text(json.dumps({"identity": identity, "args": vars(args)}, indent=1, default=str))
-        if getattr(args, "data", None) is None and d.main:  # what was trained on, for the record
+        if getattr(args, "data", None) is None:  # what was trained on, for the record
             with open(out / "sft_data.jsonl", "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
 
     step, state, opt_state = 0, {}, None
-    if resuming and list_checkpoints(out):
-        ck = list_checkpoints(out)[-1]
-        sd = load_state_dict(ck, model.args, {k: v.shape for k, v in model.state_dict().items()})
-        model.load_state_dict({k: v.to(d.device) for k, v in sd.items()})
-        state, tensors = read_training_checkpoint(ck)
-        opt_state = (tensors, state.pop("optimizer_groups"))
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        if d.main:
-            print(f"resumed from {ck} (step {step})", flush=True)
+    if resuming:
+        ck, step, state, opt_state = resume_latest(out, model, d.device)
+        if ck is not None:
+            loader.load_state_dict(state["loader"])
+            if d.main:
+                print(f"resumed from {ck} (step {step})", flush=True)
     raw = model.train()
     model = wrap(raw, d, "ddp")
     opt = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             fused=d.device.type == "cuda")
     if opt_state is not None:
         load_optimizer_tensors(opt, *opt_state)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if d.device.type == "cuda" \
-        else contextlib.nullcontext
+    autocast = autocast_for(d.device)
 
     params = cost.count_params(raw.args)
     fpt = cost.flops_per_token(raw.args, args.seq_len, params=params)["training"]
@@ -175,7 +167,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
         if val is None:
             return float("nan")
         raw.eval()
-        val.epoch, val.cursor, val._order = 0, 0, None
+        val.rewind()
         losses = []
         with torch.no_grad(), autocast():
             for _ in range(max(1, val.n_windows // (val.batch * val.world))):
