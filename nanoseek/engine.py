@@ -325,13 +325,25 @@ class Engine:
         touched = []
         for r in self.running:
             r.new_tokens = 0
-        while self.waiting and self.free:
+        prefilled = {}  # prompt -> (request, last logits) of this round: a repeated prompt (GRPO's group, n > 1)
+        while self.waiting and self.free:  # copies the first one's cache rows instead of running the model again
             r = self.waiting.pop(0)
             r.slot, r.new_tokens = self.free.pop(0), 0
             self.running.append(r)  # before the forward: if it fails, abort() still finds and frees the request
+            key = tuple(r.prompt)
+            src, last = prefilled.get(key, (None, None))
+            if src is not None and src.slot is not None and not r.speculative:
+                n = len(r.prompt)
+                for kv, pe in zip(self.cache.kv, self.cache.pe):
+                    kv[r.slot, :n] = kv[src.slot, :n]
+                    pe[r.slot, :n] = pe[src.slot, :n]
+                self._accept(r, self._sample(r, last))
+                touched.append(r)
+                continue
             ids = torch.tensor([r.prompt], device=self.device)
             logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
                                      torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
+            prefilled[key] = (r, logits[0, -1])
             self._accept(r, self._sample(r, logits[0, -1]))
             if r.speculative and not r.done:
                 self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)

@@ -95,6 +95,26 @@ def test_seeded_sampling_independent_of_batch(model):
     assert again.generate([ps[0]], sp)[0].output == a
 
 
+def test_repeated_prompt_shares_prefill(model, monkeypatch):
+    """A GRPO group (one prompt, n seeds) prefills once and copies the cache rows; outputs equal separate runs."""
+    ps = prompts()
+    sps = [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in range(4)]
+    alone = []
+    for sp in sps:
+        eng = Engine(model, max_batch=1)
+        eng.eos = -1
+        alone.append(eng.generate([ps[3]], sp)[0].output)
+    eng = Engine(model, max_batch=6)
+    eng.eos = -1
+    calls = []
+    fwd = eng.forward
+    monkeypatch.setattr(eng, "forward", lambda ids, *a, **k: calls.append(ids.shape) or fwd(ids, *a, **k))
+    outs = eng.generate([ps[3]] * 4 + [ps[1]], sps + [SamplingParams(max_tokens=8, temperature=0)])
+    assert [r.output for r in outs[:4]] == alone
+    assert outs[4].output == greedy_reference(model, ps[1], 8)
+    assert sum(1 for s in calls if s[1] == len(ps[3])) == 1  # one prefill for the four copies of the prompt
+
+
 def test_top_k_top_p_by_hand(model):
     eng = Engine(model)
     logits = torch.tensor([0.0, 3.0, 2.0, 1.0, -1.0])

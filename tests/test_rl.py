@@ -86,6 +86,27 @@ def test_sft_model_writes_the_format(sft_model):
     assert (run / "ledger.json").is_file() and (run / "sft_data.jsonl").is_file()
 
 
+def test_training_logprobs_are_the_sampling_policy(sft_model):
+    """What GRPO differentiates is the distribution the rollouts were drawn from: softmax(logits / T), at T = 1 and
+    below (the engine's sampling distribution, top-p off)."""
+    from types import SimpleNamespace
+
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.train.rl import token_logprobs
+    model = from_pretrained(sft_model, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+        for T in (1.0, 0.6):
+            lp, _ = token_logprobs(model, ids, temperature=T)
+            r = SimpleNamespace(params=SamplingParams(temperature=T))
+            want = torch.tensor([[Engine.probs(r, logits[b, t])[ids[b, t + 1]].log().item() for t in range(8)]
+                                 for b in range(2)])
+            assert torch.allclose(lp, want, atol=1e-5), T
+        assert not torch.allclose(token_logprobs(model, ids, temperature=0.6)[0], token_logprobs(model, ids)[0])
+
+
 def weights(d: Path) -> dict:
     out = {}
     for f in sorted(d.glob("*.safetensors")):

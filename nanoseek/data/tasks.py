@@ -65,14 +65,15 @@ class Family:
 
 
 FAMILIES = {
-    "chain_sum": Family("chain_sum", dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+    # one-digit terms, 3-5 of them: every problem takes 2-4 steps, each within a tiny model's reach
+    "chain_sum": Family("chain_sum", dict(min_terms=3, max_terms=5, min_digits=1, max_digits=1),
                         lambda e: _chain(e["metadata"]["expression"])),
     # + and - only: reasoning-gym 0.1.25 scores "3 + 2 * 3" as 15 (left to right), so products would teach nonsense
-    "basic_arithmetic": Family("basic_arithmetic", dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2,
+    "basic_arithmetic": Family("basic_arithmetic", dict(min_terms=3, max_terms=5, min_digits=1, max_digits=1,
                                                         operators=("+", "-"), allow_parentheses=False,
                                                         allow_negation=False),
                                lambda e: _chain(e["metadata"]["expression"])),
-    "simple_equations": Family("simple_equations", dict(min_terms=2, max_terms=2, max_value=20),
+    "simple_equations": Family("simple_equations", dict(min_terms=2, max_terms=2, max_value=9),
                                lambda e: _equation(e["metadata"]["equation"], e["metadata"]["variable"])),
     "letter_counting": Family("letter_counting", dict(min_words=3, max_words=6), _letters),
     "spell_backward": Family("spell_backward", dict(min_word_len=3, max_word_len=7), _backward),

@@ -30,6 +30,9 @@ def add_args(p) -> None:
     g.add_argument("--data", help="a data directory from `nanoseek data` (default: the embedded reasoning corpus, "
                                   "generated into OUT/data)")
     g.add_argument("--docs", type=int, default=60000, help="documents of the embedded corpus when --data is not given")
+    g.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
+                   help="reasoning-gym families of the embedded corpus (default: all training families, "
+                        "gsm_symbolic included); the held-out family stays basic_arithmetic")
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -72,6 +75,11 @@ def check_args(args) -> None:
                  "keep", "docs"):
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.families:
+        from nanoseek.data.tasks import FAMILIES
+        for f in args.families:
+            if f not in FAMILIES:
+                raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise NanoseekError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -164,6 +172,7 @@ def main(args) -> dict:
         raise NanoseekError(f"--seq-len {args.seq_len} exceeds the model's context of {margs.max_position_embeddings}")
     identity = {"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
                 "seq_len": args.seq_len, "batch_tokens": batch_tokens, "data": args.data or "embedded",
+                "families": None if args.data else args.families,
                 "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
     resuming = prepare_run_dir(out, identity, args.resume, d.main)
 
@@ -171,7 +180,7 @@ def main(args) -> dict:
     data_dir = Path(args.data) if args.data else out / "data"
     if not args.data and not (data_dir / "meta.json").exists() and d.main:
         print(f"preparing the embedded reasoning corpus ({args.docs} documents) in {data_dir}", flush=True)
-        prepare(data_dir, docs=args.docs, seed=args.seed, vocab_size=margs.vocab_size)
+        prepare(data_dir, docs=args.docs, seed=args.seed, vocab_size=margs.vocab_size, families=args.families)
     barrier()
     meta = load_meta(data_dir)
     tok = Tokenizer.from_dir(data_dir)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from nanoseek.errors import NanoseekError
 
-RL_FAMILIES = ("chain_sum", "simple_equations", "letter_counting", "spell_backward", "count_bits")
+RL_FAMILIES = ("chain_sum", "simple_equations", "letter_counting", "count_bits")
 
 
 def add_args(p) -> None:
@@ -118,9 +118,10 @@ def rollout(model, tok, prompts: list[list[int]], group: int, params: dict, seed
     return engine.generate([p for p in prompts for _ in range(group)], sps)
 
 
-def token_logprobs(model, ids: torch.Tensor, keep_logits: bool = False):
-    """Log-probabilities of ids[:, 1:] under the model, [N, L-1] (fp32); with the per-token entropy if asked."""
-    logits = model(ids[:, :-1]).float()
+def token_logprobs(model, ids: torch.Tensor, keep_logits: bool = False, temperature: float = 1.0):
+    """Log-probabilities of ids[:, 1:] under the model at the sampling temperature (the policy that drew the rollouts
+    is softmax(logits / T)), [N, L-1] (fp32); with the per-token entropy if asked."""
+    logits = model(ids[:, :-1]).float() / temperature
     lp = F.log_softmax(logits, dim=-1)
     out = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     ent = -(lp.exp() * lp).sum(-1) if keep_logits else None
@@ -303,13 +304,14 @@ def main(args) -> dict:
         seq_prompts = [p for p in prompts for _ in range(args.group)]
         ids, mask = batch_tensors(seq_prompts, reqs, tok.eos_id, d.device)
         adv = adv.to(d.device)
+        T = args.temperature
         raw.eval()
         with torch.no_grad(), autocast():
             old = None
             if args.mu > 1 or args.minibatches > 1:
-                old = torch.cat([token_logprobs(raw, ids[i:i + args.micro_batch])[0]
+                old = torch.cat([token_logprobs(raw, ids[i:i + args.micro_batch], temperature=T)[0]
                                  for i in range(0, len(ids), args.micro_batch)])
-            ref_lp = torch.cat([token_logprobs(ref, ids[i:i + args.micro_batch])[0]
+            ref_lp = torch.cat([token_logprobs(ref, ids[i:i + args.micro_batch], temperature=T)[0]
                                 for i in range(0, len(ids), args.micro_batch)]) if ref is not None else None
         raw.train()
         stats = torch.zeros(6, device=d.device)  # loss, kl sum, clipped tokens, entropy sum, tokens, grad norm
@@ -323,7 +325,7 @@ def main(args) -> dict:
                 for k, micro in enumerate(micro_list):
                     sync = policy.no_sync if (d.enabled and k < len(micro_list) - 1) else contextlib.nullcontext
                     with sync(), autocast():
-                        lp, ent = token_logprobs(policy, ids[micro], keep_logits=True)
+                        lp, ent = token_logprobs(policy, ids[micro], keep_logits=True, temperature=T)
                         old_lp = old[micro] if old is not None else lp.detach()
                         loss, kl, clipped = grpo.grpo_loss(
                             lp, old_lp, ref_lp[micro] if ref_lp is not None else None, adv[micro], mask[micro],
