@@ -56,7 +56,7 @@ class SamplingParams:
         return self
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in its lists
 class Request:
     id: int
     prompt: list[int]
@@ -297,6 +297,25 @@ class Engine:
                                "top": [(int(i), float(v)) for v, i in zip(*top)] if top else []})
         return tok
 
+    def _sample_batch(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
+        """_sample for each row of logits [n, V]; the plain rows (temperature only, no logprobs or budget) share one
+        softmax, then each draws from its own generator as _sample would (the same tokens: a test checks)."""
+        logits = logits.float()
+        plain = [i for i, r in enumerate(batch) if r.params.temperature > 0 and not r.params.top_k
+                 and r.params.top_p >= 1 and r.params.logprobs is None and not
+                 (r.thinking and r.params.thinking_budget is not None)]
+        out = [None] * len(batch)
+        if len(plain) > 1:
+            idx = torch.tensor(plain, device=logits.device)
+            temp = torch.tensor([batch[i].params.temperature for i in plain], device=logits.device)
+            probs = (logits[idx] / temp[:, None]).softmax(-1)
+            for j, i in enumerate(plain):
+                out[i] = int(torch.multinomial(probs[j], 1, generator=batch[i].generator))
+        for i, r in enumerate(batch):
+            if out[i] is None:
+                out[i] = self._sample(r, logits[i])
+        return out
+
     def _accept(self, r: Request, tok: int) -> None:
         """Append a sampled token; apply the stop rules."""
         r.output.append(tok)
@@ -348,16 +367,18 @@ class Engine:
             if r.speculative and not r.done:
                 self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)
             touched.append(r)
-        for r in [r for r in self.running if r not in touched and r.draft is not None]:
+        seen = {id(r) for r in touched}
+        for r in [r for r in self.running if id(r) not in seen and r.draft is not None]:
             self._verify(r)
             touched.append(r)
-        batch = [r for r in self.running if r not in touched]
+            seen.add(id(r))
+        batch = [r for r in self.running if id(r) not in seen]
         if batch:
             ids = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
             slots = torch.tensor([r.slot for r in batch], device=self.device)
             start = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in batch], device=self.device)
-            for r, lg in zip(batch, self.decode(ids, slots, start)):
-                self._accept(r, self._sample(r, lg))
+            for r, tok in zip(batch, self._sample_batch(batch, self.decode(ids, slots, start))):
+                self._accept(r, tok)
                 touched.append(r)
         for r in touched:
             if r.done and self.tok is not None and not r.text:

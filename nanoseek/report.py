@@ -153,7 +153,12 @@ def build(run) -> str:
                      f"{group_mean(r, r['trained'], f'maj@{k}'):.3f} | {hm:.3f} ± {hci:.3f} | {toks:.1f} |")
         if "sft" in evals and "rl" in evals:
             a, b = evals["sft"], evals["rl"]
-            for name, fams in (("trained families", a["trained"]), ("held-out family", a["heldout"])):
+            rl_fams = ((read_json(run / "rl" / "run.json") or {}).get("args") or {}).get("families") or []
+            rl_fams = [f for f in rl_fams if f in a["trained"]]
+            groups = [("trained families", a["trained"]), ("held-out family", a["heldout"])]
+            if rl_fams and rl_fams != a["trained"]:  # GRPO trained on a subset of the SFT families
+                groups.insert(0, (f"families trained by GRPO ({', '.join(rl_fams)})", rl_fams))
+            for name, fams in groups:
                 if fams:
                     m, ci, n = paired(a, b, fams)
                     L.append("")

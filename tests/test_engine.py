@@ -90,6 +90,11 @@ def test_seeded_sampling_independent_of_batch(model):
     outs = crowd.generate(ps[1:] + ps[:1], [SamplingParams(max_tokens=10, temperature=1.0, seed=i) for i in range(3)]
                           + [sp])
     assert outs[3].output == a
+    for i in range(3):  # the plain rows share one batched softmax (Engine._sample_batch): still their own tokens
+        one = Engine(model, max_batch=1)
+        one.eos = -1
+        assert one.generate([ps[1 + i]], SamplingParams(max_tokens=10, temperature=1.0, seed=i))[0].output == \
+            outs[i].output
     again = Engine(model, max_batch=1)
     again.eos = -1
     assert again.generate([ps[0]], sp)[0].output == a
