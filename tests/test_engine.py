@@ -100,6 +100,16 @@ def test_seeded_sampling_independent_of_batch(model):
     assert again.generate([ps[0]], sp)[0].output == a
 
 
+def test_inverse_cdf_draw():
+    from nanoseek.engine import draw
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    u = torch.arange(10_000) / 10_000  # evenly spread: the counts are the probabilities exactly
+    toks = draw(p.expand(len(u), -1), u)
+    assert torch.bincount(toks, minlength=6).tolist() == [0, 5000, 0, 3000, 2000, 0]
+    edge = draw(p, torch.tensor([1 - 2**-24]))  # u·S rounding up to S must not land on a weightless last token
+    assert int(edge) == 4
+
+
 def test_repeated_prompt_shares_prefill(model, monkeypatch):
     """A GRPO group (one prompt, n seeds) prefills once and copies the cache rows; outputs equal separate runs."""
     ps = prompts()
