@@ -34,13 +34,14 @@ class Splitter:
             return "", text
         i = text.find(self.CLOSE)
         if i >= 0:
-            return text[:i], text[i + len(self.CLOSE):].lstrip("\n")  # the template's "</think>\n\n"
+            return text[:i].strip(), text[i + len(self.CLOSE):].lstrip("\n")  # the template's "</think>\n\n"
         if not final:  # hold back what may be the start of "</think>"
             for k in range(len(self.CLOSE) - 1, 0, -1):
                 if text.endswith(self.CLOSE[:k]):
                     text = text[:-k]
                     break
-        return text, ""
+        # the reasoning is sent stripped, as the whole turn's is: trailing whitespace waits for what follows it
+        return text.strip(), ""
 
     def feed(self, ids: list[int], final: bool = False) -> list[tuple[str, str]]:
         """New token ids -> [(kind, text delta)]."""

@@ -161,6 +161,7 @@ class Engine:
         if speculative:  # the MTP block attends over its own latent cache
             self.mtp_cache = KVCache(self.args, max_batch, self.max_len, self.device, self.cache.dtype, layers=1)
         self.spec_stats = {"drafted": 0, "accepted": 0}
+        self.prefill_batch = 32  # distinct prompts per prefill forward
         self.free = list(range(max_batch))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -362,29 +363,13 @@ class Engine:
         touched = []
         for r in self.running:
             r.new_tokens = 0
-        prefilled = {}  # prompt -> (request, last logits) of this round: a repeated prompt (GRPO's group, n > 1)
-        while self.waiting and self.free:  # copies the first one's cache rows instead of running the model again
+        admitted = []
+        while self.waiting and self.free:
             r = self.waiting.pop(0)
             r.slot, r.new_tokens = self.free.pop(0), 0
             self.running.append(r)  # before the forward: if it fails, abort() still finds and frees the request
-            key = tuple(r.prompt)
-            src, last = prefilled.get(key, (None, None))
-            if src is not None and src.slot is not None and not r.speculative:
-                n = len(r.prompt)
-                for kv, pe in zip(self.cache.kv, self.cache.pe):
-                    kv[r.slot, :n] = kv[src.slot, :n]
-                    pe[r.slot, :n] = pe[src.slot, :n]
-                self._accept(r, self._sample(r, last))
-                touched.append(r)
-                continue
-            ids = torch.tensor([r.prompt], device=self.device)
-            logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
-                                     torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
-            prefilled[key] = (r, logits[0, -1])
-            self._accept(r, self._sample(r, logits[0, -1]))
-            if r.speculative and not r.done:
-                self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)
-            touched.append(r)
+            admitted.append(r)
+        touched += self._prefill(admitted)
         seen = {id(r) for r in touched}
         for r in [r for r in self.running if id(r) not in seen and r.draft is not None]:
             self._verify(r)
@@ -402,6 +387,44 @@ class Engine:
             if r.done and self.tok is not None and not r.text:
                 r.text = self.text(r)
         return touched
+
+    def _prefill(self, admitted: list[Request]) -> list[Request]:
+        """Prefill newly admitted requests and sample their first tokens. Distinct prompts go through the model
+        together (right-padded: the causal mask keeps padding out of every real position, and a pad's cache entries
+        lie beyond the prompt, overwritten by decode before anything attends to them); a repeated prompt (GRPO's
+        group, n > 1) copies its first copy's cache rows. Speculative requests prefill alone (their draft needs h)."""
+        firsts, distinct = {}, []
+        for r in admitted:
+            if r.speculative:
+                logits, h = self.forward(torch.tensor([r.prompt], device=self.device),
+                                         torch.tensor([r.slot], device=self.device),
+                                         torch.zeros(1, dtype=torch.long, device=self.device), absorb=False)
+                self._accept(r, self._sample(r, logits[0, -1]))
+                if not r.done:
+                    self._redraft(r, h[0], r.prompt[1:] + [r.output[-1]], 0)
+            elif tuple(r.prompt) not in firsts:
+                firsts[tuple(r.prompt)] = r
+                distinct.append(r)
+        last = {}
+        for i in range(0, len(distinct), self.prefill_batch):
+            chunk = distinct[i:i + self.prefill_batch]
+            L = max(len(r.prompt) for r in chunk)
+            ids = torch.tensor([r.prompt + [0] * (L - len(r.prompt)) for r in chunk], device=self.device)
+            logits = self.forward(ids, torch.tensor([r.slot for r in chunk], device=self.device),
+                                  torch.zeros(len(chunk), dtype=torch.long, device=self.device), absorb=False)[0]
+            for j, r in enumerate(chunk):
+                last[id(r)] = logits[j, len(r.prompt) - 1]
+        plain = [r for r in admitted if not r.speculative]
+        for r in plain:  # copies first: a source that finishes on its first token frees its slot below
+            src = firsts[tuple(r.prompt)]
+            if src is not r:
+                n = len(r.prompt)
+                for kv, pe in zip(self.cache.kv, self.cache.pe):
+                    kv[r.slot, :n] = kv[src.slot, :n]
+                    pe[r.slot, :n] = pe[src.slot, :n]
+        for r in plain:
+            self._accept(r, self._sample(r, last[id(firsts[tuple(r.prompt)])]))
+        return admitted
 
     def text(self, r: Request) -> str:
         """The generated text, without the end-of-sequence token."""
