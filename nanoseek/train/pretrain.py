@@ -76,10 +76,13 @@ def check_args(args) -> None:
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.families:
-        from nanoseek.data.tasks import FAMILIES
+        from nanoseek.data.tasks import DEFAULT_HELDOUT, FAMILIES
         for f in args.families:
             if f not in FAMILIES:
                 raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
+            if f in DEFAULT_HELDOUT:
+                raise NanoseekError(f"{f} is the held-out family (never trained, to measure generalisation); "
+                                    f"leave it out of --families")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise NanoseekError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
