@@ -96,6 +96,11 @@ def uniform(generator) -> float:
     return float(torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu"))
 
 
+def draw_one(probs: torch.Tensor, generator) -> int:
+    """draw for one distribution [V], its uniform from `generator`."""
+    return int(draw(probs[None], torch.tensor([uniform(generator)], device=probs.device))[0])
+
+
 def speculative_choice(p: torch.Tensor, q: torch.Tensor, draft: int, generator=None) -> tuple[int, bool]:
     """Speculative sampling (Leviathan et al., Chen et al.): keep the draft d ~ q with probability min(1, p(d)/q(d)),
     else sample from the residual max(0, p − q), renormalised. The token returned is distributed exactly as p."""
@@ -283,8 +288,7 @@ class Engine:
                 r.draft = int(logits.argmax())
             else:  # sample the draft from the MTP head's own distribution q, kept for the acceptance test
                 r.draft_probs = self.probs(r, logits)
-                r.draft = int(draw(r.draft_probs[None], torch.tensor([uniform(r.generator)],
-                                                                     device=self.device))[0])
+                r.draft = draw_one(r.draft_probs, r.generator)
 
     # ---- sampling ----
     @staticmethod
@@ -308,7 +312,7 @@ class Engine:
             return self.tok.end_think_id  # the budget is spent: close the thought
         logits = logits.float()
         tok = int(logits.argmax()) if p.temperature == 0 else \
-            int(draw(self.probs(r, logits)[None], torch.tensor([uniform(r.generator)], device=logits.device))[0])
+            draw_one(self.probs(r, logits), r.generator)
         if p.logprobs is not None:
             lp = logits.log_softmax(-1)
             top = lp.topk(p.logprobs) if p.logprobs else None
@@ -414,16 +418,15 @@ class Engine:
                                   torch.zeros(len(chunk), dtype=torch.long, device=self.device), absorb=False)[0]
             for j, r in enumerate(chunk):
                 last[id(r)] = logits[j, len(r.prompt) - 1]
-        plain = [r for r in admitted if not r.speculative]
-        for r in plain:  # copies first: a source that finishes on its first token frees its slot below
-            src = firsts[tuple(r.prompt)]
+        plain = [(r, firsts[tuple(r.prompt)]) for r in admitted if not r.speculative]
+        for r, src in plain:  # copies first: a source that finishes on its first token frees its slot below
             if src is not r:
                 n = len(r.prompt)
                 for kv, pe in zip(self.cache.kv, self.cache.pe):
                     kv[r.slot, :n] = kv[src.slot, :n]
                     pe[r.slot, :n] = pe[src.slot, :n]
-        for r in plain:
-            self._accept(r, self._sample(r, last[id(firsts[tuple(r.prompt)])]))
+        for r, src in plain:
+            self._accept(r, self._sample(r, last[id(src)]))
         return admitted
 
     def text(self, r: Request) -> str:

@@ -14,7 +14,6 @@ NS=.venv/bin/nanoseek
 FAMILIES="chain_sum simple_equations letter_counting count_bits"
 # GRPO at a low learning rate with DeepSeekMath's β 0.04: at R1's β 0.001 and lr 1e-4 the tiny model drifts off what
 # SFT taught and forgets arithmetic (bench/RESULTS.md, "GRPO, round 2")
-RL_FAMILIES="$FAMILIES"
 RL_ARGS="--lr 3e-5 --beta 0.04"
 # eval: 100 unseen problems per family × 8 samples; the thinking-budget curve on the same problems, 1 sample each
 EVAL_ARGS="--problems 100 --budget-samples 1 --budgets 0,4,8,16,32,none"
@@ -29,7 +28,7 @@ stage "eval of the SFT model"
 [ -f "$OUT/eval/sft/eval.json" ] || $NS eval --checkpoint "$OUT/sft/model" --out "$OUT/eval/sft" --label sft \
   --families $FAMILIES $EVAL_ARGS
 stage "GRPO"
-$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $RL_FAMILIES --max-steps 150 $RL_ARGS
+$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES --max-steps 150 $RL_ARGS
 stage "eval of the GRPO model"
 [ -f "$OUT/eval/rl/eval.json" ] || $NS eval --checkpoint "$OUT/rl/model" --out "$OUT/eval/rl" --label rl \
   --families $FAMILIES $EVAL_ARGS

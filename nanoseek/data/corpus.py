@@ -34,11 +34,9 @@ def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
 
 def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[str, list[dict]]:
     """The embedded corpus: examples (question, answer, steps, family) per split."""
-    from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, FAMILIES, generate
+    from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, check_families, generate
     families, heldout = tuple(families or DEFAULT_TRAIN), tuple(heldout or DEFAULT_HELDOUT)
-    for f in families + heldout:
-        if f not in FAMILIES:
-            raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
+    check_families(families + heldout)
     if set(families) & set(heldout):
         raise NanoseekError(f"families {sorted(set(families) & set(heldout))} cannot be both trained and held out")
     per = -(-docs // len(families))

@@ -8,6 +8,8 @@ Sizes are chosen so that a few-million-parameter model can learn them on a CPU.
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nanoseek.errors import NanoseekError
+
 
 def _chain(expr: str) -> list[str]:
     """'4 - 1 - 7' -> ['4 - 1 = 3', '3 - 7 = -4'] (left to right)."""
@@ -82,6 +84,13 @@ FAMILIES = {
 }
 DEFAULT_TRAIN = ("chain_sum", "simple_equations", "letter_counting", "spell_backward", "count_bits", "gsm_symbolic")
 DEFAULT_HELDOUT = ("basic_arithmetic",)  # never in training: evaluation only
+
+
+def check_families(families) -> None:
+    """A family name that is not in FAMILIES is a user mistake: one clear line naming the choices."""
+    for f in families:
+        if f not in FAMILIES:
+            raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
 
 
 def generate(name: str, n: int, seed: int) -> list[dict]:

@@ -76,10 +76,9 @@ def check_args(args) -> None:
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.families:
-        from nanoseek.data.tasks import DEFAULT_HELDOUT, FAMILIES
+        from nanoseek.data.tasks import DEFAULT_HELDOUT, check_families
+        check_families(args.families)
         for f in args.families:
-            if f not in FAMILIES:
-                raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
             if f in DEFAULT_HELDOUT:
                 raise NanoseekError(f"{f} is the held-out family (never trained, to measure generalisation); "
                                     f"leave it out of --families")

@@ -91,10 +91,8 @@ def check_args(args) -> None:
 
 def problem_pool(families, n: int, seed: int, offset: int) -> list[dict]:
     """Problems with reasoning-gym's own entry (what score_answer needs); family i uses seed*1000 + offset + i."""
-    from nanoseek.data.tasks import FAMILIES, generate
-    for f in families:
-        if f not in FAMILIES:
-            raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
+    from nanoseek.data.tasks import check_families, generate
+    check_families(families)
     pool = []
     for i, f in enumerate(families):
         pool += generate(f, n, seed * 1000 + offset + i)

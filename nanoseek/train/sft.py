@@ -76,10 +76,8 @@ def load_rows(args) -> list[dict]:
     from nanoseek.data.chat import cold_start_rows, read_rows
     if args.data:
         return read_rows(args.data)
-    from nanoseek.data.tasks import FAMILIES
-    for f in args.families or []:
-        if f not in FAMILIES:
-            raise NanoseekError(f"unknown task family {f!r}; choose from {', '.join(FAMILIES)}")
+    from nanoseek.data.tasks import check_families
+    check_families(args.families or [])
     return cold_start_rows(args.examples, args.seed, args.families)
 
 
