@@ -12,7 +12,8 @@ finished or aborted requests free their slot at once, so new ones join a batch t
 Per request: temperature, top-k, top-p, a seed (its own generator, so a sample does not depend on its batch), stop
 strings and token ids, max tokens, logprobs, and a thinking budget: generation that starts inside `<think>` (the R1
 template opens it) may think for at most `thinking_budget` tokens; then the engine writes `</think>` itself and the
-model goes on to answer — the serve-time knob of test-time scaling.
+model goes on to answer — the serve-time knob of test-time scaling. A thought cut mid-line spends its last budgeted
+token on the line break, so it closes as a trained thought does (`…\n</think>`).
 
 MTP speculative decoding (`speculative=True`): the MTP module (with its own latent cache) drafts the token after the
 next; one forward over [next, draft] verifies it — greedy: kept if the model agrees; sampled: kept with probability
@@ -172,6 +173,8 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self.eos = self.tok.eos_id if self.tok is not None else self.args.eos_token_id
+        nl = self.tok.encode("\n") if self.tok is not None else []
+        self.newline_id = nl[0] if len(nl) == 1 else None  # a thought cut by its budget ends its line first
 
     # ---- requests ----
     def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
@@ -308,8 +311,12 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params
-        if r.thinking and p.thinking_budget is not None and r.thinking_tokens >= p.thinking_budget:
-            return self.tok.end_think_id  # the budget is spent: close the thought
+        if r.thinking and p.thinking_budget is not None:
+            if r.thinking_tokens >= p.thinking_budget:
+                return self.tok.end_think_id  # the budget is spent: close the thought
+            if (r.thinking_tokens == p.thinking_budget - 1 and self.newline_id is not None and r.output
+                    and r.output[-1] != self.newline_id):
+                return self.newline_id  # its last token ends the line, as a thought ends before </think>
         logits = logits.float()
         tok = int(logits.argmax()) if p.temperature == 0 else \
             draw_one(self.probs(r, logits), r.generator)

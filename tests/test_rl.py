@@ -61,6 +61,23 @@ def test_sft_loss_mask(base):
     assert x.shape == (2, 40) and m.any() and torch.equal(y[m], t[m]) and (y[~m] == -100).all()
 
 
+def test_cold_start_partial_thoughts():
+    from nanoseek.data.chat import cold_start_rows
+    fams = ["chain_sum", "count_bits"]
+    full = cold_start_rows(40, seed=3, families=fams)
+    assert full == cold_start_rows(40, seed=3, families=fams, partial=0.0)  # the default rows are unchanged
+    cut = cold_start_rows(40, seed=3, families=fams, partial=0.5)
+    short = 0
+    for a, b in zip(full, cut):
+        (qa, ta), (qb, tb) = a["messages"], b["messages"]
+        assert qa == qb and ta["content"] == tb["content"]  # same problem, the right answer all the same
+        assert ta["reasoning_content"].startswith(tb["reasoning_content"])  # a cut thought is a prefix of the full
+        short += tb["reasoning_content"] != ta["reasoning_content"]
+    assert 10 <= short <= 30  # about half of them
+    assert all(r["messages"][1]["reasoning_content"] != f["messages"][1]["reasoning_content"]
+               for r, f in zip(cold_start_rows(40, seed=3, families=fams, partial=1.0), full))
+
+
 def test_sft_bad_datasets(base, tmp_path):
     out = tmp_path / "run"
     for text, msg in (('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n'

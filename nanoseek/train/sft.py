@@ -26,6 +26,10 @@ def add_args(p, distill: bool = False) -> None:
                                                                   "given")
         g.add_argument("--families", nargs="*", default=None,
                        help="reasoning-gym families of the cold-start data (default: the pretraining families)")
+        g.add_argument("--partial-thoughts", type=float, default=0.0, metavar="SHARE",
+                       help="share of the cold-start traces whose thought stops at a random point (then the right "
+                            "answer): teaches answering under a thinking budget and leaves GRPO the "
+                            "choice to think longer")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, ledger.json, model/")
     g.add_argument("--val-frac", type=float, default=0.05, help="share of the rows held out for the validation loss")
     g = p.add_argument_group("schedule")
@@ -61,6 +65,8 @@ def check_args(args) -> None:
         raise NanoseekError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.val_frac < 1:
         raise NanoseekError("--val-frac must be in [0, 1)")
+    if not 0 <= getattr(args, "partial_thoughts", 0.0) <= 1:
+        raise NanoseekError(f"--partial-thoughts must be in [0, 1], got {args.partial_thoughts}")
 
 
 def load_init(path, device) -> tuple:
@@ -78,7 +84,7 @@ def load_rows(args) -> list[dict]:
         return read_rows(args.data)
     from nanoseek.data.tasks import check_families
     check_families(args.families or [])
-    return cold_start_rows(args.examples, args.seed, args.families)
+    return cold_start_rows(args.examples, args.seed, args.families, args.partial_thoughts)
 
 
 def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
@@ -104,6 +110,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     n_val = int(len(rows) * args.val_frac) if len(rows) > 20 else 0
     train_rows, val_rows = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
     identity = {"init": str(init.resolve()), "rows": len(rows), "data": getattr(args, "data", None) or "generated",
+                "partial_thoughts": getattr(args, "partial_thoughts", 0.0),
                 "seed": args.seed, "seq_len": args.seq_len, "batch": args.batch_size * d.world,
                 "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
     resuming = prepare_run_dir(out, identity, args.resume, d.main)
