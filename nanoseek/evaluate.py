@@ -7,8 +7,9 @@ family's own `score_answer`:
   pass@1   the mean over the k samples (then over problems), with a 95% interval over problems
   pass@k   the unbiased estimator 1 − C(n−c, k)/C(n, k)
   maj@k    the majority answer of the k samples (cons@k)
-Test-time scaling: the same problems with the thinking budget capped at each of `--budgets` tokens (the engine closes
-the thought and the model answers), accuracy against the budget, tabulated and plotted (tts.png).
+Test-time scaling: the same problems with the thought capped at each of `--budgets` tokens (`--budget-samples` samples
+each; a thought still open at the budget is cut back to its last whole line, then closed, and the model answers),
+accuracy against the budget, tabulated and plotted (tts.png); the unlimited point is the k samples above.
 Writes OUT/eval.json (with the per-problem counts, for paired comparisons), OUT/eval.md and OUT/tts.png.
 """
 
@@ -36,7 +37,7 @@ def add_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest completion")
     p.add_argument("--budgets", default="0,2,4,8,16,32,none",
                    help="thinking budgets (tokens) for the test-time scaling curve; 'none' is unlimited; '' skips it")
-    p.add_argument("--budget-samples", type=int, default=2, help="samples per problem at each budget")
+    p.add_argument("--budget-samples", type=int, default=2, help="samples per problem at each finite budget (unlimited: the k samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and the samples")
     p.add_argument("--max-batch", type=int, default=256, help="sequences decoded together")
     p.add_argument("--label", default=None, help="name of this model in tables and plots (default: the directory)")
@@ -79,14 +80,47 @@ def interval(xs: list[float]) -> float:
     return 1.96 * math.sqrt(var / len(xs))
 
 
-def sample(model, tok, problems, k: int, params: dict, seed: int, tag: int, max_batch: int):
+def generate(model, tok, prompts: list[list[int]], params: list[dict], seed: int, tag: int, max_batch: int):
+    """Each prompt with its own sampling params; sample i is seeded by (seed, tag, i)."""
     from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.train.rl import prompt_ids, sample_seed
+    from nanoseek.train.rl import sample_seed
+    max_len = min(max(len(p) + q["max_tokens"] for p, q in zip(prompts, params)) + 2,
+                  model.args.max_position_embeddings)
+    engine = Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_len=max_len)
+    return engine.generate(prompts, [SamplingParams(seed=sample_seed(seed, tag, i), **q) for i, q in enumerate(params)])
+
+
+def sample(model, tok, problems, k: int, params: dict, seed: int, tag: int, max_batch: int):
+    """k samples of each problem (R1's template), in problem order."""
+    from nanoseek.train.rl import prompt_ids
     prompts = [prompt_ids(tok, pr) for pr in problems]
-    max_len = min(max(len(p) for p in prompts) + params["max_tokens"] + 2, model.args.max_position_embeddings)
-    engine = Engine(model, tok, max_batch=min(max_batch, len(prompts) * k), max_len=max_len)
-    sps = [SamplingParams(seed=sample_seed(seed, tag, i), **params) for i in range(len(prompts) * k)]
-    return engine.generate([p for p in prompts for _ in range(k)], sps)
+    return generate(model, tok, [p for p in prompts for _ in range(k)], [params] * (len(prompts) * k), seed, tag,
+                    max_batch)
+
+
+def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, seed: int, tag: int,
+                       max_batch: int) -> list[tuple[str, int]]:
+    """k samples of each problem whose thought is capped at `budget` tokens: the thought is sampled up to the budget;
+    one that has not closed by then is cut back to its last whole line (so it never ends mid-computation), then
+    `</think>` is written and the model answers. Returns (completion text, thinking tokens kept) per sample."""
+    from nanoseek.train.rl import prompt_ids
+    prompts = [prompt_ids(tok, pr) for pr in problems for _ in range(k)]
+    newline = tok.encode("\n")
+    thoughts = [[] for _ in prompts]
+    if budget > 0:
+        stop = dict(params, max_tokens=budget, stop_token_ids=(tok.end_think_id,))
+        for i, r in enumerate(generate(model, tok, prompts, [stop] * len(prompts), seed, tag, max_batch)):
+            out = r.output
+            if out and out[-1] == tok.end_think_id:  # closed within the budget
+                out = out[:-1]
+            else:  # cut (or ended without closing): back to the last whole line
+                nl = [j for j, t in enumerate(out) if len(newline) == 1 and t == newline[0]]
+                out = out[:nl[-1] + 1] if nl else []
+            thoughts[i] = out
+    second = [p + t + [tok.end_think_id] for p, t in zip(prompts, thoughts)]
+    answer = [dict(params, max_tokens=max(1, params["max_tokens"] - len(t) - 1)) for t in thoughts]
+    outs = generate(model, tok, second, answer, seed, tag + 1, max_batch)
+    return [(tok.decode(t + [tok.end_think_id]) + r.text, len(t)) for t, r in zip(thoughts, outs)]
 
 
 def evaluate(model, tok, problems, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
@@ -120,13 +154,16 @@ def evaluate(model, tok, problems, k: int, temperature: float, top_p: float, max
               "per_problem": per_problem, "tts": []}
     for b in budgets:
         t0 = time.time()
-        rs = sample(model, tok, problems, budget_samples, {**params, "thinking_budget": b}, seed,
-                    20_000 + (b if b is not None else 9_999), max_batch)
+        if b is None:  # unlimited: the k samples above are already that, at the same settings
+            rs, n = [(r.text, r.thinking_tokens) for r in reqs], k
+        else:
+            rs, n = sample_with_budget(model, tok, problems, budget_samples, params, b, seed, 20_000 + 2 * b,
+                                       max_batch), budget_samples
         rows = []
         for i, pr in enumerate(problems):
-            chunk = rs[i * budget_samples:(i + 1) * budget_samples]
-            rows.append({"family": pr["family"], "acc": sum(accuracy_reward(r.text, pr) >= 1 for r in chunk)
-                         / budget_samples, "thinking": sum(r.thinking_tokens for r in chunk) / budget_samples})
+            chunk = rs[i * n:(i + 1) * n]
+            rows.append({"family": pr["family"], "acc": sum(accuracy_reward(t, pr) >= 1 for t, _ in chunk) / n,
+                         "thinking": sum(m for _, m in chunk) / n})
         entry = {"budget": b, "families": {}}
         for f in families:
             fr = [r for r in rows if r["family"] == f]

@@ -15,15 +15,18 @@ FAMILIES="chain_sum simple_equations letter_counting count_bits"
 # GRPO at a low learning rate with DeepSeekMath's β 0.04: at R1's β 0.001 and lr 1e-4 the tiny model drifts off what
 # SFT taught and forgets arithmetic (bench/RESULTS.md, "GRPO, round 2")
 RL_ARGS="--lr 3e-5 --beta 0.04"
-# eval: 100 unseen problems per family × 8 samples; the thinking-budget curve on the same problems, 1 sample each
-EVAL_ARGS="--problems 100 --budget-samples 1 --budgets 0,4,8,16,32,none"
+# cold start: half the thoughts stop early (after a random number of their steps) before the right answer, so the
+# model can answer from a thought of any length (a budget cuts one) and GRPO can learn to think to the end
+SFT_ARGS="--partial-thoughts 0.5"
+# eval: 100 unseen problems per family × 8 samples; the thinking-budget curve on the same problems, 4 samples each
+EVAL_ARGS="--problems 100 --budget-samples 4 --budgets 0,4,8,16,32,none"
 t0=$(date +%s)
 stage() { echo; echo "=== $1  ($(( ($(date +%s) - t0) / 60 )) min so far)"; }
 
 stage "pretrain"
 $NS pretrain --preset tiny --out "$OUT/pretrain" --resume auto --families $FAMILIES
 stage "cold-start SFT"
-$NS sft --init "$OUT/pretrain/model" --out "$OUT/sft" --resume auto --families $FAMILIES
+$NS sft --init "$OUT/pretrain/model" --out "$OUT/sft" --resume auto --families $FAMILIES $SFT_ARGS
 stage "eval of the SFT model"
 [ -f "$OUT/eval/sft/eval.json" ] || $NS eval --checkpoint "$OUT/sft/model" --out "$OUT/eval/sft" --label sft \
   --families $FAMILIES $EVAL_ARGS

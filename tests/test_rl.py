@@ -219,6 +219,20 @@ def test_eval_and_report(sft_model, tmp_path):
     assert [e["budget"] for e in res["tts"]] == [0, 4, None]
     assert all(v["thinking_tokens"] == 0 for v in res["tts"][0]["families"].values())  # budget 0: no thinking
     assert all(v["thinking_tokens"] <= 4 for v in res["tts"][1]["families"].values())
+    for f, v in res["tts"][2]["families"].items():  # unlimited: the k samples' own accuracy
+        assert v["accuracy"] == pytest.approx(res["families"][f]["pass@1"])
+    # a thought still open at the budget is cut back to its last whole line, then closed
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.evaluate import sample_with_budget
+    from nanoseek.train.rl import problem_pool
+    model = from_pretrained(sft_model, dtype=torch.float32).eval()
+    probs = problem_pool(["chain_sum"], 3, 0, 0)
+    got = sample_with_budget(model, model.tokenizer, probs, 2, dict(max_tokens=16, temperature=1.0, top_p=1.0), 6,
+                             0, 7, 8)
+    assert len(got) == 6
+    for text, n in got:
+        thought = text.split("</think>")[0]
+        assert n <= 6 and len(model.tokenizer.encode(thought)) == n and (not thought or thought.endswith("\n"))
     assert (out / "tts.png").stat().st_size > 1000 and "pass@1" in (out / "eval.md").read_text()
     # a run directory with the eval of two models (here the same one twice) and the SFT run -> report
     run = tmp_path

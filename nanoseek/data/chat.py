@@ -29,10 +29,10 @@ SEED_SFT, SEED_RL, SEED_EVAL, SEED_DISTILL = 100, 200, 300, 400
 def cold_start_rows(n: int, seed: int = 0, families=None, partial: float = 0.0) -> list[dict]:
     """n cold-start chat rows drawn evenly from the families: the solver's steps as the thought, then the answer.
 
-    `partial` is the share of rows whose thought stops early, at a uniformly drawn character (anywhere, mid-line
-    too, as a token budget cuts it; possibly before the first), followed by the right answer all the same: the model
-    learns to answer from however far it has thought, so a thought cut by a budget is in its training distribution,
-    and reinforcement learning has a choice to make between thinking to the end and answering early."""
+    `partial` is the share of rows whose thought stops early, after a uniformly drawn number of its steps (none
+    included), followed by the right answer all the same: the model learns to answer from however far it has
+    thought (a thinking budget cuts a thought back to its last whole step, `evaluate.sample_with_budget`), and
+    reinforcement learning has a choice to make between thinking to the end and answering early."""
     from nanoseek.data.tasks import DEFAULT_TRAIN, generate
     families = tuple(families or DEFAULT_TRAIN)
     per = -(-n // len(families))
@@ -42,9 +42,7 @@ def cold_start_rows(n: int, seed: int = 0, families=None, partial: float = 0.0) 
         for ex in generate(f, per, seed * 1000 + SEED_SFT + i):
             steps = ex["steps"]
             if partial > 0 and cut.random() < partial:
-                thought = "\n".join(steps)
-                thought = thought[:int(cut.integers(0, len(thought)))].rstrip()
-                steps = [thought] if thought else []
+                steps = steps[:int(cut.integers(0, len(steps)))]
             rows.append(trace_row(ex["question"], steps, ex["answer"], family=f))
     rng = np.random.default_rng(seed)
     return [rows[i] for i in rng.permutation(len(rows))[:n]]

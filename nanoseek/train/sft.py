@@ -27,8 +27,8 @@ def add_args(p, distill: bool = False) -> None:
         g.add_argument("--families", nargs="*", default=None,
                        help="reasoning-gym families of the cold-start data (default: the pretraining families)")
         g.add_argument("--partial-thoughts", type=float, default=0.0, metavar="SHARE",
-                       help="share of the cold-start traces whose thought stops at a random point (then the right "
-                            "answer): teaches answering under a thinking budget and leaves GRPO the "
+                       help="share of the cold-start traces whose thought stops after a random number of its steps "
+                            "(then the right answer): teaches answering under a thinking budget and leaves GRPO the "
                             "choice to think longer")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, ledger.json, model/")
     g.add_argument("--val-frac", type=float, default=0.05, help="share of the rows held out for the validation loss")
