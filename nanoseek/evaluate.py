@@ -37,7 +37,8 @@ def add_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest completion")
     p.add_argument("--budgets", default="0,2,4,8,16,32,none",
                    help="thinking budgets (tokens) for the test-time scaling curve; 'none' is unlimited; '' skips it")
-    p.add_argument("--budget-samples", type=int, default=2, help="samples per problem at each finite budget (unlimited: the k samples)")
+    p.add_argument("--budget-samples", type=int, default=2,
+                   help="samples per problem at each finite budget (unlimited: the k samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and the samples")
     p.add_argument("--max-batch", type=int, default=256, help="sequences decoded together")
     p.add_argument("--label", default=None, help="name of this model in tables and plots (default: the directory)")
@@ -106,6 +107,7 @@ def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, 
     from nanoseek.train.rl import prompt_ids
     prompts = [prompt_ids(tok, pr) for pr in problems for _ in range(k)]
     newline = tok.encode("\n")
+    newline = newline[0] if len(newline) == 1 else None
     thoughts = [[] for _ in prompts]
     if budget > 0:
         stop = dict(params, max_tokens=budget, stop_token_ids=(tok.end_think_id,))
@@ -114,8 +116,8 @@ def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, 
             if out and out[-1] == tok.end_think_id:  # closed within the budget
                 out = out[:-1]
             else:  # cut (or ended without closing): back to the last whole line
-                nl = [j for j, t in enumerate(out) if len(newline) == 1 and t == newline[0]]
-                out = out[:nl[-1] + 1] if nl else []
+                ends = [j for j, t in enumerate(out) if t == newline]
+                out = out[:ends[-1] + 1] if ends else []
             thoughts[i] = out
     second = [p + t + [tok.end_think_id] for p, t in zip(prompts, thoughts)]
     answer = [dict(params, max_tokens=max(1, params["max_tokens"] - len(t) - 1)) for t in thoughts]
