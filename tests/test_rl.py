@@ -92,6 +92,8 @@ def test_sft_bad_datasets(base, tmp_path):
         r = cli("sft", "--init", str(base), "--out", str(out), "--data", str(tmp_path / "bad.jsonl"))
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()  # nothing written
+    r = cli("sft", "--init", str(base), "--out", str(out), "--partial-thoughts", "1.5")
+    assert r.returncode == 1 and "--partial-thoughts must be in [0, 1]" in r.stderr and not out.exists(), r.stderr
 
 
 def test_sft_model_writes_the_format(sft_model):
