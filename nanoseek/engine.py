@@ -173,8 +173,6 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self.eos = self.tok.eos_id if self.tok is not None else self.args.eos_token_id
-        nl = self.tok.encode("\n") if self.tok is not None else []
-        self.newline_id = nl[0] if len(nl) == 1 else None  # a thought cut by its budget ends its line first
 
     # ---- requests ----
     def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
@@ -314,9 +312,9 @@ class Engine:
         if r.thinking and p.thinking_budget is not None:
             if r.thinking_tokens >= p.thinking_budget:
                 return self.tok.end_think_id  # the budget is spent: close the thought
-            if (r.thinking_tokens == p.thinking_budget - 1 and self.newline_id is not None and r.output
-                    and r.output[-1] != self.newline_id):
-                return self.newline_id  # its last token ends the line, as a thought ends before </think>
+            nl = self.tok.newline_id
+            if r.thinking_tokens == p.thinking_budget - 1 and nl is not None and r.output and r.output[-1] != nl:
+                return nl  # its last token ends the line, as a thought ends before </think>
         logits = logits.float()
         tok = int(logits.argmax()) if p.temperature == 0 else \
             draw_one(self.probs(r, logits), r.generator)

@@ -106,8 +106,6 @@ def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, 
     `</think>` is written and the model answers. Returns (completion text, thinking tokens kept) per sample."""
     from nanoseek.train.rl import prompt_ids
     prompts = [prompt_ids(tok, pr) for pr in problems for _ in range(k)]
-    newline = tok.encode("\n")
-    newline = newline[0] if len(newline) == 1 else None
     thoughts = [[] for _ in prompts]
     if budget > 0:
         stop = dict(params, max_tokens=budget, stop_token_ids=(tok.end_think_id,))
@@ -116,7 +114,7 @@ def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, 
             if out and out[-1] == tok.end_think_id:  # closed within the budget
                 out = out[:-1]
             else:  # cut (or ended without closing): back to the last whole line
-                ends = [j for j, t in enumerate(out) if t == newline]
+                ends = [j for j, t in enumerate(out) if t == tok.newline_id]
                 out = out[:ends[-1] + 1] if ends else []
             thoughts[i] = out
     second = [p + t + [tok.end_think_id] for p, t in zip(prompts, thoughts)]

@@ -47,6 +47,8 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
         self.user_id, self.assistant_id = tok.token_to_id(USER), tok.token_to_id(ASSISTANT)
         self.think_id, self.end_think_id = tok.token_to_id(THINK), tok.token_to_id(END_THINK)
+        nl = tok.encode("\n", add_special_tokens=False).ids
+        self.newline_id = nl[0] if len(nl) == 1 else None  # a thought's lines end with it, and so does a thought
         self._template = None
 
     # ---- training ----

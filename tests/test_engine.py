@@ -166,7 +166,7 @@ def test_thinking_budget_and_stops(model, tok):
         assert closes and closes[0] <= budget  # the thought is closed within the budget
         assert r.thinking_tokens <= budget
         if closes[0] == budget > 0:  # cut by the budget: its last token ends the line, as trained thoughts end
-            assert eng.newline_id is not None and r.output[budget - 1] == eng.newline_id
+            assert tok.newline_id is not None and r.output[budget - 1] == tok.newline_id
     r = eng.generate([prompt], SamplingParams(max_tokens=15, temperature=0, stop_token_ids=(tok.end_think_id,),
                                               thinking_budget=2))[0]
     assert r.output[-1] == tok.end_think_id and r.finish_reason == "stop" and len(r.output) <= 3
