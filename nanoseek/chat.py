@@ -68,7 +68,7 @@ def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> s
     state = None
     while not req.done:
         engine.step()
-        new = req.output[len(req.output) - req.new_tokens:] if req.new_tokens else []
+        new = req.stream()
         for kind, delta in split.feed(new, final=req.done):
             if kind != state:
                 if kind == "reasoning":

@@ -171,6 +171,24 @@ def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | st
         tokenizer.save(out)
 
 
+def atomic_write(path, data: str | bytes) -> Path:
+    """Write a file whole or not at all: a temporary beside it, fsynced, then renamed over it. A process killed
+    half-way leaves the old file (or none), never a truncated one that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_dir(path: Path, write, replace: bool = True) -> Path:
     """Run write(tmp) on a fresh temporary directory beside `path`, fsync everything, then rename it to `path`
     (an existing `path` is swapped out and removed when `replace`). On any failure the temporary is removed and
@@ -318,33 +336,3 @@ def checkpoint_has_mtp(path: Path, args: ModelArgs) -> bool:
         except Exception:
             return True  # let read_tensors report the broken file
     return False
-
-
-def from_pretrained(path, device=None, dtype=None):
-    """Load a DeepseekV3/V2ForCausalLM-format directory. dtype defaults to float32 on CPU, bfloat16 elsewhere."""
-    from nanoseek.model.transformer import build_model
-    from nanoseek.tokenizer import Tokenizer
-    path = Path(path)
-    if not path.is_dir():
-        raise NanoseekError(f"checkpoint directory {path} does not exist")
-    args = ModelArgs.from_json(path / "config.json")
-    if args.num_nextn_predict_layers and not checkpoint_has_mtp(path, args):
-        args.num_nextn_predict_layers = 0  # e.g. written by transformers, which drops the MTP layers
-    args.quantization_config = None  # FP8 weights are dequantised on load
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    model = build_model(args, device="meta")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if args.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    sd = load_state_dict(path, args, expected, dtype=dtype)
-    for k, t in sd.items():
-        sd[k] = t.to(device=device, dtype=torch.float32 if k.endswith("e_score_correction_bias") else dtype)
-    model.load_state_dict(sd, strict=not args.tie_word_embeddings, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for m in model.moe_layers():
-        m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
-    if (path / "tokenizer.json").exists():
-        model.tokenizer = Tokenizer.from_dir(path)
-    return model.eval()

@@ -180,8 +180,11 @@ def cmd_rl(args):
 
 
 def cmd_distill(args):
-    from nanoseek.train.distill import main as distill
-    _distributed(distill)(args)
+    from nanoseek.train import distill, sft
+
+    def run(args):  # rejection sampling, then the SFT loop on the verified rows
+        return sft.main(args, rows=distill.rejection_sample(args), run_dir=Path(args.out) / "sft")
+    _distributed(run)(args)
 
 
 def cmd_eval(args):
@@ -311,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("distill", help="rejection sampling from a teacher (keep verified-correct answers), then SFT "
                                         "of a student")
     from nanoseek.train.distill import add_args as distill_args
+    from nanoseek.train.sft import add_args as sft_args
     distill_args(sp)
+    sft_args(sp, distill=True)
     sp.set_defaults(fn=cmd_distill)
 
     sp = sub.add_parser("eval", help="pass@1 over k samples, pass@k, majority vote and accuracy against the thinking "

@@ -11,9 +11,11 @@ finished or aborted requests free their slot at once, so new ones join a batch t
 
 Per request: temperature, top-k, top-p, a seed (its own generator, so a sample does not depend on its batch), stop
 strings and token ids, max tokens, logprobs, and a thinking budget: generation that starts inside `<think>` (the R1
-template opens it) may think for at most `thinking_budget` tokens; then the engine writes `</think>` itself and the
-model goes on to answer — the serve-time knob of test-time scaling. A thought cut mid-line spends its last budgeted
-token on the line break, so it closes as a trained thought does (`…\n</think>`).
+template opens it) may think for at most `thinking_budget` tokens; then the engine cuts the thought back to its last
+whole line (so it never ends mid-computation, and closes as a trained thought does, `…\n</think>`), writes `</think>`
+itself, and the model goes on to answer — the serve-time knob of test-time scaling, and what `nanoseek eval --budgets`
+measures. (Cut back, the answers were better than with a thought that closes mid-line: bench/RESULTS.md.) Streams
+hold a budgeted thought's current line back until it is whole: `Request.stream`.
 
 MTP speculative decoding (`speculative=True`): the MTP module (with its own latent cache) drafts the token after the
 next; one forward over [next, draft] verifies it — greedy: kept if the model agrees; sampled: kept with probability
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
 
 
 @dataclass
@@ -70,7 +73,8 @@ class Request:
     thinking: bool = False  # inside <think> ... </think> right now
     thinking_tokens: int = 0
     generator: torch.Generator | None = None
-    new_tokens: int = 0  # tokens added by the last step (for streaming)
+    line_start: int = 0  # index in output where the thought's current line began (a budget cuts back to it)
+    streamed: int = 0  # output tokens already handed out by stream()
     speculative: bool = False  # decoded with MTP drafts (an engine with speculative=True; no logprobs or budget)
     draft: int | None = None  # the MTP module's guess of the token after output[-1]
     draft_probs: torch.Tensor | None = None  # the distribution the draft was sampled from (temperature > 0)
@@ -78,6 +82,16 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def stream(self) -> list[int]:
+        """The output tokens not handed out yet that are final. Inside a thought under a thinking budget, the line
+        being written may still be cut back when the budget runs out, so it waits for its line break."""
+        end = len(self.output)
+        if self.thinking and self.params.thinking_budget is not None and not self.done:
+            end = self.line_start
+        new = self.output[self.streamed:end]
+        self.streamed = max(self.streamed, end)
+        return new
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -129,25 +143,25 @@ class KVCache:
         return len(self.kv) * (self.kv[0].shape[-1] + self.pe[0].shape[-1]) * self.kv[0].element_size()
 
 
-def model_forward(model, cache_kv, cache_pe, ids, slots, start, absorb: bool, length: int | None = None):
-    """The model over the latent cache (cache_kv, cache_pe: KVCache.kv, .pe): see Engine.forward."""
-    pos = start[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    cos, sin = model.rotary(pos)
-    x = model.embed_tokens(ids)
-    for l, layer in enumerate(model.layers):
-        x = x + layer.self_attn.forward_cached(layer.input_layernorm(x), cos, sin, cache_kv[l], cache_pe[l], slots,
-                                               start, absorb, length)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    h = model.norm(x)
-    return model.lm_head(h), h
-
-
 @functools.cache
 def compiled_forward():
-    """`model_forward` through torch.compile, once per process; it compiles on the first call per new shape. The C++
-    wrapper (inductor's cpp_wrapper) runs the graph's ~40 kernels without a Python line between them: at a decode
-    step's size that overhead is what is left to cut."""
-    return torch.compile(model_forward, options={"cpp_wrapper": True})
+    """The model's cached forward (`Transformer.forward_cached`) through torch.compile, once per process; it compiles
+    on the first call per new shape. The C++ wrapper (inductor's cpp_wrapper) runs the graph's ~40 kernels without a
+    Python line between them: at a decode step's size that overhead is what is left to cut."""
+    return torch.compile(Transformer.forward_cached, options={"cpp_wrapper": True})
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The seed of sample `index` drawn at `step` of a run seeded `seed` (GRPO's rollouts, eval's samples, distillation's
+    teacher): a sample never depends on its batch, on the ranks or on resuming."""
+    return (((seed * 1_000_003) + step) * 1_000_033 + index) % (2**62)
+
+
+def generate_all(model, tok, prompts: list[list[int]], params: list[SamplingParams], max_batch: int = 256):
+    """Run prompts to completion on a throwaway engine sized for them (rollouts, evaluation, rejection sampling);
+    each prompt with its own SamplingParams. Returns the Requests in order."""
+    max_len = min(max(len(p) + q.max_tokens for p, q in zip(prompts, params)) + 2, model.args.max_position_embeddings)
+    return Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_len=max_len).generate(prompts, params)
 
 
 class Engine:
@@ -220,7 +234,7 @@ class Engine:
                 length: int | None = None):
         """ids [n, T] at positions start[i] + t of cache rows `slots` -> logits [n, T, V] and the final normed hidden
         states [n, T, D] (writes the cache). length: attend over that many cache positions (see MLA.forward_cached)."""
-        return model_forward(self.model, self.cache.kv, self.cache.pe, ids, slots, start, absorb, length)
+        return self.model.forward_cached(ids, self.cache.kv, self.cache.pe, slots, start, absorb, length)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -246,17 +260,10 @@ class Engine:
     def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its logits
         [V] for the token after the last of next_ids."""
-        m, mod = self.model, self.model.mtp[0]
-        T = next_ids.shape[0]
-        st = torch.tensor([start], device=self.device)
-        cos, sin = m.rotary(st[:, None] + torch.arange(T, device=self.device))
-        x = mod.eh_proj(torch.cat([mod.enorm(m.embed_tokens(next_ids[None])), mod.hnorm(h[None])], dim=-1))
-        blk = mod.block
-        x = x + blk.self_attn.forward_cached(blk.input_layernorm(x), cos, sin, self.mtp_cache.kv[0],
-                                             self.mtp_cache.pe[0], torch.tensor([slot], device=self.device), st,
-                                             self.absorb)
-        x = x + blk.mlp(blk.post_attention_layernorm(x))
-        return m.lm_head(mod.shared_head.norm(x[0, -1]))
+        logits = self.model.mtp_forward_cached(h[None], next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe,
+                                               torch.tensor([slot], device=self.device),
+                                               torch.tensor([start], device=self.device), self.absorb)
+        return logits[0, -1]
 
     def _verify(self, r: Request) -> None:
         """One speculative step: run [x_L, draft] in one forward; keep the draft if the model agrees (two tokens
@@ -309,12 +316,9 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params
-        if r.thinking and p.thinking_budget is not None:
-            if r.thinking_tokens >= p.thinking_budget:
-                return self.tok.end_think_id  # the budget is spent: close the thought
-            nl = self.tok.newline_id
-            if r.thinking_tokens == p.thinking_budget - 1 and nl is not None and r.output and r.output[-1] != nl:
-                return nl  # its last token ends the line, as a thought ends before </think>
+        if r.thinking and p.thinking_budget is not None and r.thinking_tokens >= p.thinking_budget:
+            self._cut_thought(r)
+            return self.tok.end_think_id  # the budget is spent: close the thought
         logits = logits.float()
         tok = int(logits.argmax()) if p.temperature == 0 else \
             draw_one(self.probs(r, logits), r.generator)
@@ -324,6 +328,16 @@ class Engine:
             r.logprobs.append({"token": tok, "logprob": float(lp[tok]),
                                "top": [(int(i), float(v)) for v, i in zip(*top)] if top else []})
         return tok
+
+    @staticmethod
+    def _cut_thought(r: Request) -> None:
+        """Drop the thought's unfinished line (its tokens stay in the cache rows, beyond the new length, where nothing
+        attends to them before they are overwritten)."""
+        cut = len(r.output) - r.line_start
+        if cut:
+            del r.output[r.line_start:]
+            del r.logprobs[len(r.output):]
+            r.thinking_tokens -= cut
 
     def _sample_batch(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
         """_sample for each row of logits [n, V]; the plain rows (temperature only, no logprobs or budget) share one
@@ -347,12 +361,13 @@ class Engine:
     def _accept(self, r: Request, tok: int) -> None:
         """Append a sampled token; apply the stop rules."""
         r.output.append(tok)
-        r.new_tokens += 1
         if r.thinking:
             if tok == self.tok.end_think_id:
                 r.thinking = False
             else:
                 r.thinking_tokens += 1
+                if tok == self.tok.newline_id:
+                    r.line_start = len(r.output)
         p = r.params
         if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "stop")
@@ -369,13 +384,10 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit waiting requests (prefill), then decode one token for all running ones. Returns the requests that
         got tokens or finished in this step."""
-        touched = []
-        for r in self.running:
-            r.new_tokens = 0
-        admitted = []
+        touched, admitted = [], []
         while self.waiting and self.free:
             r = self.waiting.pop(0)
-            r.slot, r.new_tokens = self.free.pop(0), 0
+            r.slot = self.free.pop(0)
             self.running.append(r)  # before the forward: if it fails, abort() still finds and frees the request
             admitted.append(r)
         touched += self._prefill(admitted)

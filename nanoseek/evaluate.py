@@ -8,9 +8,11 @@ family's own `score_answer`:
   pass@k   the unbiased estimator 1 − C(n−c, k)/C(n, k)
   maj@k    the majority answer of the k samples (cons@k)
 Test-time scaling: the same problems with the thought capped at each of `--budgets` tokens (`--budget-samples` samples
-each; a thought still open at the budget is cut back to its last whole line, then closed, and the model answers),
-accuracy against the budget, tabulated and plotted (tts.png); the unlimited point is the k samples above.
-Writes OUT/eval.json (with the per-problem counts, for paired comparisons), OUT/eval.md and OUT/tts.png.
+each) by the engine's `thinking_budget`, the cut `nanoseek chat` and `serve` apply (a thought still open at the budget
+is cut back to its last whole line, then closed, and the model answers); accuracy against the budget, tabulated and
+plotted (tts.png); the unlimited point is the k samples above.
+Writes OUT/tts.png, OUT/eval.md, then OUT/eval.json (with the per-problem counts, for paired comparisons), each
+atomically: eval.json, written last, marks a finished evaluation.
 """
 
 import json
@@ -19,13 +21,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from nanoseek.checkpoint import atomic_write
+from nanoseek.data.chat import SEED_EVAL
+from nanoseek.data.tasks import RL_FAMILIES, problem_pool
+from nanoseek.engine import SamplingParams, generate_all, sample_seed
 from nanoseek.errors import NanoseekError
+from nanoseek.model import from_pretrained
+from nanoseek.rl.grpo import pass_at_k
+from nanoseek.rl.rewards import accuracy_reward, extract_answer
 
 EVAL_HELDOUT = ("basic_arithmetic",)
 
 
 def add_args(p) -> None:
-    from nanoseek.train.rl import RL_FAMILIES
     p.add_argument("--checkpoint", required=True, help="model directory (with its tokenizer)")
     p.add_argument("--out", required=True, help="directory for eval.json, eval.md and tts.png")
     p.add_argument("--families", nargs="*", default=list(RL_FAMILIES), help="trained families to evaluate")
@@ -81,52 +91,15 @@ def interval(xs: list[float]) -> float:
     return 1.96 * math.sqrt(var / len(xs))
 
 
-def generate(model, tok, prompts: list[list[int]], params: list[dict], seed: int, tag: int, max_batch: int):
-    """Each prompt with its own sampling params; sample i is seeded by (seed, tag, i)."""
-    from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.train.rl import sample_seed
-    max_len = min(max(len(p) + q["max_tokens"] for p, q in zip(prompts, params)) + 2,
-                  model.args.max_position_embeddings)
-    engine = Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_len=max_len)
-    return engine.generate(prompts, [SamplingParams(seed=sample_seed(seed, tag, i), **q) for i, q in enumerate(params)])
-
-
 def sample(model, tok, problems, k: int, params: dict, seed: int, tag: int, max_batch: int):
-    """k samples of each problem (R1's template), in problem order."""
-    from nanoseek.train.rl import prompt_ids
-    prompts = [prompt_ids(tok, pr) for pr in problems]
-    return generate(model, tok, [p for p in prompts for _ in range(k)], [params] * (len(prompts) * k), seed, tag,
-                    max_batch)
-
-
-def sample_with_budget(model, tok, problems, k: int, params: dict, budget: int, seed: int, tag: int,
-                       max_batch: int) -> list[tuple[str, int]]:
-    """k samples of each problem whose thought is capped at `budget` tokens: the thought is sampled up to the budget;
-    one that has not closed by then is cut back to its last whole line (so it never ends mid-computation), then
-    `</think>` is written and the model answers. Returns (completion text, thinking tokens kept) per sample."""
-    from nanoseek.train.rl import prompt_ids
-    prompts = [prompt_ids(tok, pr) for pr in problems for _ in range(k)]
-    thoughts = [[] for _ in prompts]
-    if budget > 0:
-        stop = dict(params, max_tokens=budget, stop_token_ids=(tok.end_think_id,))
-        for i, r in enumerate(generate(model, tok, prompts, [stop] * len(prompts), seed, tag, max_batch)):
-            out = r.output
-            if out and out[-1] == tok.end_think_id:  # closed within the budget
-                out = out[:-1]
-            else:  # cut (or ended without closing): back to the last whole line
-                ends = [j for j, t in enumerate(out) if t == tok.newline_id]
-                out = out[:ends[-1] + 1] if ends else []
-            thoughts[i] = out
-    second = [p + t + [tok.end_think_id] for p, t in zip(prompts, thoughts)]
-    answer = [dict(params, max_tokens=max(1, params["max_tokens"] - len(t) - 1)) for t in thoughts]
-    outs = generate(model, tok, second, answer, seed, tag + 1, max_batch)
-    return [(tok.decode(t + [tok.end_think_id]) + r.text, len(t)) for t, r in zip(thoughts, outs)]
+    """k samples of each problem (R1's template), in problem order; sample i is seeded by (seed, tag, i)."""
+    prompts = [tok.prompt_ids(pr) for pr in problems for _ in range(k)]
+    return generate_all(model, tok, prompts, [SamplingParams(seed=sample_seed(seed, tag, i), **params)
+                                              for i in range(len(prompts))], max_batch)
 
 
 def evaluate(model, tok, problems, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
              budgets=(), budget_samples: int = 2, max_batch: int = 256, progress=print) -> dict:
-    from nanoseek.rl.grpo import pass_at_k
-    from nanoseek.rl.rewards import accuracy_reward, extract_answer
     params = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     t0 = time.time()
     reqs = sample(model, tok, problems, k, params, seed, 10_000, max_batch)
@@ -155,15 +128,15 @@ def evaluate(model, tok, problems, k: int, temperature: float, top_p: float, max
     for b in budgets:
         t0 = time.time()
         if b is None:  # unlimited: the k samples above are already that, at the same settings
-            rs, n = [(r.text, r.thinking_tokens) for r in reqs], k
-        else:
-            rs, n = sample_with_budget(model, tok, problems, budget_samples, params, b, seed, 20_000 + 2 * b,
-                                       max_batch), budget_samples
+            rs, n = reqs, k
+        else:  # the engine's thinking budget, as chat and serve apply it
+            rs, n = sample(model, tok, problems, budget_samples, dict(params, thinking_budget=b), seed,
+                           20_000 + 2 * b, max_batch), budget_samples
         rows = []
         for i, pr in enumerate(problems):
             chunk = rs[i * n:(i + 1) * n]
-            rows.append({"family": pr["family"], "acc": sum(accuracy_reward(t, pr) >= 1 for t, _ in chunk) / n,
-                         "thinking": sum(m for _, m in chunk) / n})
+            rows.append({"family": pr["family"], "acc": sum(accuracy_reward(r.text, pr) >= 1 for r in chunk) / n,
+                         "thinking": sum(r.thinking_tokens for r in chunk) / n})
         entry = {"budget": b, "families": {}}
         for f in families:
             fr = [r for r in rows if r["family"] == f]
@@ -217,7 +190,7 @@ def markdown(result: dict, label: str) -> str:
 
 def plot_tts(results: list[tuple[str, dict]], path) -> None:
     """Accuracy (trained families' mean, and held-out) against the thinking budget, one line per model."""
-    import matplotlib
+    import matplotlib  # heavy, and only for plots
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
@@ -240,15 +213,14 @@ def plot_tts(results: list[tuple[str, dict]], path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("test-time scaling: accuracy against thinking budget")
     fig.tight_layout()
-    fig.savefig(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)  # whole or not at all
     plt.close(fig)
 
 
 def main(args) -> dict:
-    import torch
-    from nanoseek.checkpoint import from_pretrained
-    from nanoseek.data.chat import SEED_EVAL
-    from nanoseek.train.rl import problem_pool
     if args.problems < 1 or args.samples < 1 or args.budget_samples < 1 or args.max_new_tokens < 1 \
             or args.max_batch < 1:
         raise NanoseekError("--problems, -k, --budget-samples, --max-new-tokens and --max-batch must be >= 1")
@@ -277,10 +249,10 @@ def main(args) -> dict:
                   heldout=list(args.heldout), seconds=time.time() - t0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "eval.md").write_text(markdown(result, label))
     if result["tts"]:
         plot_tts([(label, result)], out / "tts.png")
+    atomic_write(out / "eval.md", markdown(result, label))
+    atomic_write(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: the mark of a finished eval
     for name, fams in (("trained", result["trained"]), ("held-out", result["heldout"])):
         if fams:
             m, ci = pooled(result, fams)

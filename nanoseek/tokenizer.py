@@ -125,3 +125,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def prompt_ids(self, problem: dict) -> list[int]:
+        """A reasoning problem ({'question': ...}) as one user turn of the R1 template, the assistant's turn opened:
+        the prompt GRPO, evaluation and distillation sample from."""
+        return self.apply_chat_template([{"role": "user", "content": problem["question"].strip()}])

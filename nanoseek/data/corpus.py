@@ -13,18 +13,21 @@ tokens (the loss of the best model that ignores context: the baseline a trained 
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from nanoseek.checkpoint import atomic_dir
+from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, check_families, generate, render
 from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import Tokenizer
 
 SHARD_TOKENS = 50_000_000  # tokens per shard file
 
 
 def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
     """n worked examples drawn evenly from the training families, rendered as text."""
-    from nanoseek.data.tasks import DEFAULT_TRAIN, generate, render
     families = families or DEFAULT_TRAIN
     per = -(-n // len(families))
     docs = [render(ex) for i, f in enumerate(families) for ex in generate(f, per, seed * 1000 + i)]
@@ -34,7 +37,6 @@ def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
 
 def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[str, list[dict]]:
     """The embedded corpus: examples (question, answer, steps, family) per split."""
-    from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, check_families, generate
     families, heldout = tuple(families or DEFAULT_TRAIN), tuple(heldout or DEFAULT_HELDOUT)
     check_families(families + heldout)
     if set(families) & set(heldout):
@@ -124,12 +126,24 @@ def write_shards(out: Path, split: str, docs: list[str], tok, dtype) -> tuple[li
 
 def prepare(out, *, docs: int = 20000, seed: int = 0, files=(), text_field: str = "text", vocab_size: int = 4096,
             tokenizer=None, families=None, heldout=None, val_frac: float = 0.05) -> dict:
-    """Write the data directory `out` (documents, tokenizer, shards, meta.json) and return its meta."""
-    from nanoseek.tokenizer import Tokenizer
+    """Write the data directory `out` (documents, tokenizer, shards, meta.json) and return its meta. It is written
+    in a temporary directory beside `out` and renamed when complete: a process killed half-way leaves no `out`, so
+    the same command simply prepares it again (a stale temporary is removed first)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise NanoseekError(f"data directory {out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    meta = {}
+    atomic_dir(out, lambda tmp: meta.update(_write_data_dir(tmp, docs, seed, files, text_field, vocab_size, tokenizer,
+                                                               families, heldout, val_frac)), replace=False)
+    return meta
+
+
+def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokenizer, families, heldout,
+                    val_frac) -> dict:
     if files:
         texts = read_user_documents(files, text_field)
         rng = random.Random(seed)
@@ -139,7 +153,6 @@ def prepare(out, *, docs: int = 20000, seed: int = 0, files=(), text_field: str 
         examples = {}
     else:
         examples = embedded_splits(docs, seed, families, heldout)
-        from nanoseek.data.tasks import render
         split_docs = {k: [render(ex) for ex in v] for k, v in examples.items()}
     if not split_docs["train"]:
         raise NanoseekError("no training documents")

@@ -8,6 +8,9 @@ Sizes are chosen so that a few-million-parameter model can learn them on a CPU.
 from dataclasses import dataclass, field
 from typing import Callable
 
+import reasoning_gym
+import sympy
+
 from nanoseek.errors import NanoseekError
 
 
@@ -23,7 +26,6 @@ def _chain(expr: str) -> list[str]:
 
 
 def _equation(eq: str, var: str) -> list[str]:
-    import sympy
     lhs, rhs = eq.split("=")
     v = sympy.Symbol(var)
     expr = sympy.expand(sympy.sympify(lhs) - sympy.sympify(rhs))
@@ -84,6 +86,7 @@ FAMILIES = {
 }
 DEFAULT_TRAIN = ("chain_sum", "simple_equations", "letter_counting", "spell_backward", "count_bits", "gsm_symbolic")
 DEFAULT_HELDOUT = ("basic_arithmetic",)  # never in training: evaluation only
+RL_FAMILIES = ("chain_sum", "simple_equations", "letter_counting", "count_bits")  # GRPO's, eval's, distill's default
 
 
 def check_families(families) -> None:
@@ -95,7 +98,6 @@ def check_families(families) -> None:
 
 def generate(name: str, n: int, seed: int) -> list[dict]:
     """n entries of a family: {'question', 'answer', 'steps', 'family', 'entry'} (entry: reasoning-gym's own)."""
-    import reasoning_gym
     fam = FAMILIES[name]
     ds = reasoning_gym.create_dataset(fam.name, size=n, seed=seed, **fam.config)
     out = []
@@ -103,6 +105,17 @@ def generate(name: str, n: int, seed: int) -> list[dict]:
         out.append({"question": entry["question"], "answer": str(entry["answer"]), "steps": fam.steps(entry),
                     "family": name, "entry": entry})
     return out
+
+
+def problem_pool(families, n: int, seed: int, offset: int) -> list[dict]:
+    """n problems of each family, with reasoning-gym's own entry (what score_answer needs); family i draws from seed
+    seed*1000 + offset + i. Each stage has its own offset (data/chat.py SEED_*), so GRPO, evaluation and
+    distillation never meet the same problem."""
+    check_families(families)
+    pool = []
+    for i, f in enumerate(families):
+        pool += generate(f, n, seed * 1000 + offset + i)
+    return pool
 
 
 def render(ex: dict) -> str:

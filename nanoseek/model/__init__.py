@@ -1,3 +1,4 @@
-from nanoseek.model.transformer import Block, LossOutput, Transformer, build_model
+from nanoseek.model.block import Block
+from nanoseek.model.transformer import LossOutput, Transformer, build_model, from_pretrained
 
-__all__ = ["Block", "LossOutput", "Transformer", "build_model"]
+__all__ = ["Block", "LossOutput", "Transformer", "build_model", "from_pretrained"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelArgs
+from nanoseek.model.block import Block
 from nanoseek.model.norm import RMSNorm
 
 
@@ -27,13 +28,17 @@ class SharedHead(nn.Module):
 class MTPModule(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        from nanoseek.model.transformer import Block  # the same decoder block as the main model
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
-        self.block = Block(args, layer_id)
+        self.block = Block(args, layer_id)  # the same decoder block as the main model
         self.shared_head = SharedHead(args)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None) -> torch.Tensor:
         """h_prev [B, T, D] (depth k-1), emb_next [B, T, D] = Emb(x_{t+k}) -> h^k [B, T, D] (before the head norm)."""
         return self.block(self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1)), cos, sin, mask)
+
+    def forward_cached(self, h_prev, emb_next, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True):
+        """The same over the module's own latent cache (speculative decoding's drafts): see MLA.forward_cached."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block.forward_cached(x, cos, sin, cache_kv, cache_pe, slots, start, absorb)

@@ -2,30 +2,21 @@
 final norm, output head, and optionally the MTP modules. Single-device code; parallelism, FP8 and compile wrap it."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import checkpoint
 from nanoseek.config import ModelArgs
-from nanoseek.model.mla import MLA
-from nanoseek.model.moe import MLP, MoE
+from nanoseek.errors import NanoseekError
+from nanoseek.model.block import Block
+from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-
-
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = MLA(args)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
-
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+from nanoseek.tokenizer import Tokenizer
 
 
 @dataclass
@@ -83,6 +74,30 @@ class Transformer(nn.Module):
             loss = loss + balance_loss
         return LossOutput(logits, loss, lm_loss, mtp_loss, balance_loss)
 
+    # ---- inference over the latent cache (the engine's prefill, decode and MTP drafts) ----
+    def forward_cached(self, input_ids, cache_kv, cache_pe, slots, start, absorb: bool = True,
+                       length: int | None = None):
+        """input_ids [n, T], the next T tokens of n sequences held in cache rows `slots` [n], sequence i starting at
+        position start[i]; cache_kv / cache_pe: one latent cache tensor per layer (see MLA.forward_cached, which also
+        explains absorb and length) -> logits [n, T, V] and the final normed hidden states [n, T, D]."""
+        pos = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(pos)
+        x = self.embed_tokens(input_ids)
+        for layer, kv, pe in zip(self.layers, cache_kv, cache_pe):
+            x = layer.forward_cached(x, cos, sin, kv, pe, slots, start, absorb, length)
+        h = self.norm(x)
+        return self.lm_head(h), h
+
+    def mtp_forward_cached(self, h, next_ids, cache_kv, cache_pe, slots, start, absorb: bool = True):
+        """MTP depth 1 over its own latent cache: h [n, T, D] (the main model's final hidden states at positions
+        start..) and next_ids [n, T] (the tokens after them) -> logits [n, T, V] for the token after each of next_ids."""
+        pos = start[:, None] + torch.arange(next_ids.shape[1], device=next_ids.device)
+        cos, sin = self.rotary(pos)
+        module = self.mtp[0]
+        x = module.forward_cached(h, self.embed_tokens(next_ids), cos, sin, cache_kv[0], cache_pe[0], slots, start,
+                                  absorb)
+        return self.lm_head(module.shared_head.norm(x))
+
     def mtp_forward(self, h, input_ids, cos, sin) -> list[torch.Tensor]:
         """Logits of each MTP depth k: position t predicts x_{t+k+1} from h^{k-1}_t and Emb(x_{t+k}); [B, T-k, V]."""
         T, out = input_ids.shape[1], []
@@ -138,12 +153,10 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, tokenizer=None, max_shard_size: int | str = "5GB") -> None:
         """Write the DeepseekV3ForCausalLM layout (safetensors, config.json, tokenizer) atomically to path."""
-        from nanoseek.checkpoint import save_pretrained
-        save_pretrained(self, path, tokenizer=tokenizer or self.tokenizer, max_shard_size=max_shard_size)
+        checkpoint.save_pretrained(self, path, tokenizer=tokenizer or self.tokenizer, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
-        from nanoseek.checkpoint import from_pretrained
         return from_pretrained(path, device=device, dtype=dtype)
 
     @torch.no_grad()
@@ -178,3 +191,31 @@ def build_model(args: ModelArgs, device="cpu", dtype=torch.float32, init: bool =
     if init:
         model.init_weights()
     return model
+
+
+def from_pretrained(path, device=None, dtype=None) -> Transformer:
+    """Load a DeepseekV3/V2ForCausalLM-format directory. dtype defaults to float32 on CPU, bfloat16 elsewhere."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NanoseekError(f"checkpoint directory {path} does not exist")
+    args = ModelArgs.from_json(path / "config.json")
+    if args.num_nextn_predict_layers and not checkpoint.checkpoint_has_mtp(path, args):
+        args.num_nextn_predict_layers = 0  # e.g. written by transformers, which drops the MTP layers
+    args.quantization_config = None  # FP8 weights are dequantised on load
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model = build_model(args, device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    sd = checkpoint.load_state_dict(path, args, expected, dtype=dtype)
+    for k, t in sd.items():
+        sd[k] = t.to(device=device, dtype=torch.float32 if k.endswith("e_score_correction_bias") else dtype)
+    model.load_state_dict(sd, strict=not args.tie_word_embeddings, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for m in model.moe_layers():
+        m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
+    if (path / "tokenizer.json").exists():
+        model.tokenizer = Tokenizer.from_dir(path)
+    return model.eval()

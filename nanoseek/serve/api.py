@@ -171,7 +171,7 @@ class Runner:
                     h = self.handles.get(r.id)
                     if h is None:
                         continue
-                    new = r.output[len(r.output) - r.new_tokens:] if r.new_tokens else []
+                    new = r.stream()
                     events.append((h, new, r.done))
                     self.stats["completion_tokens"] += len(new)
                     if r.done:

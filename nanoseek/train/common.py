@@ -2,6 +2,7 @@
 published layout + optimizer + loop state, written atomically, last k kept, newest complete one found on resume),
 metrics as JSONL, and the progress display."""
 
+import contextlib
 import json
 import math
 import re
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.distributed.tensor import distribute_tensor
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_dir, write_model_files
+from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files
 from nanoseek.errors import NanoseekError
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -87,7 +90,6 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
                     continue
                 v = v.to(p.device)
                 if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP: keep only this rank's shard
-                    from torch.distributed.tensor import distribute_tensor
                     v = distribute_tensor(v, p.device_mesh, p.placements)
                 state[k.split("::", 1)[1]] = v
             if state:
@@ -134,7 +136,6 @@ def read_training_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]
 def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict, tuple | None]:
     """Load the newest complete checkpoint of a run into `model` and restore the RNG -> (its path, step, loop state,
     (optimizer tensors, groups) for load_optimizer_tensors); (None, 0, {}, None) when there is none."""
-    from nanoseek.checkpoint import load_state_dict
     found = list_checkpoints(run_dir)
     if not found:
         return None, 0, {}, None
@@ -149,7 +150,6 @@ def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict,
 
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA (fp32 master weights), nothing on CPU: a context-manager factory."""
-    import contextlib
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -170,6 +170,13 @@ def set_rng_state(s: dict) -> None:
 
 # ---- metrics and progress ------------------------------------------------------------------------------------------
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 class Metrics:
     """Appends one JSON object per line; on resume, lines past the resumed step are dropped first."""
 
@@ -178,10 +185,11 @@ class Metrics:
         if not enabled:
             return
         if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            atomic_write(self.path, "")
+        elif self.path.exists():  # a process killed mid-append leaves a cut last line: dropped with the rest
+            keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and
+                    _step_of(l) <= resume_step]
+            atomic_write(self.path, "".join(l + "\n" for l in keep))
 
     def write(self, row: dict) -> None:
         if self.enabled:
@@ -197,7 +205,6 @@ class Progress:
         self.tty = enabled and sys.stderr.isatty()
         self.bar = None
         if self.tty:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
         self.t0, self.start = time.time(), start
 

@@ -15,17 +15,25 @@ is written once to OUT/reference; `--resume auto` continues bit-identically (CPU
 """
 
 import contextlib
-import json
-import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanoseek import cost
+from nanoseek.checkpoint import atomic_write, save_pretrained
+from nanoseek.config import ModelArgs
+from nanoseek.data.chat import SEED_RL
+from nanoseek.data.tasks import RL_FAMILIES, problem_pool
+from nanoseek.engine import SamplingParams, generate_all, sample_seed
 from nanoseek.errors import NanoseekError
-
-RL_FAMILIES = ("chain_sum", "simple_equations", "letter_counting", "count_bits")
+from nanoseek.model import from_pretrained
+from nanoseek.parallel import barrier
+from nanoseek.rl import grpo, rewards as R
+from nanoseek.train.common import lr_factor
+from nanoseek.train.run import Run, add_run_args, check_positive, load_init
 
 
 def add_args(p) -> None:
@@ -58,29 +66,15 @@ def add_args(p) -> None:
     g.add_argument("--warmup", type=int, default=0, help="warmup steps")
     g.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the problem pool, its order and the rollouts")
-    g.add_argument("--save-every", type=int, default=20, help="write a checkpoint every K steps (and at the end)")
-    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    g.add_argument("--resume", choices=["auto", "never"], default="never",
-                   help="auto: continue from the newest complete checkpoint in OUT (or start if there is none)")
-    g.add_argument("--eval-every", type=int, default=20, help="held-out accuracy and a sample table every K steps")
     g.add_argument("--eval-problems", type=int, default=64, help="problems per evaluation (temperature 0.6)")
-    g.add_argument("--log-every", type=int, default=1, help="plain progress lines every K steps when not a TTY")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--usd-per-hour", type=float, default=2.0, help="price of one device-hour for the ledger")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    import argparse
-    g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die after step N
+    add_run_args(g, save_every=20, keep=2, eval_every=20, log_every=1)
 
 
 def check_args(args) -> None:
-    for name in ("problems", "prompts", "group", "max_new_tokens", "mu", "minibatches", "micro_batch", "max_steps",
-                 "save_every", "keep", "eval_every", "eval_problems", "log_every"):
-        if getattr(args, name) < 1:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("problems", "prompts", "group", "max_new_tokens", "mu", "minibatches", "micro_batch",
+                          "max_steps", "save_every", "keep", "eval_every", "eval_problems", "log_every"))
     if args.group < 2:
         raise NanoseekError("--group must be >= 2: advantages compare the completions of a group")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise NanoseekError(f"--lr must be a positive number, got {args.lr}")
     if args.beta < 0 or args.clip_eps <= 0 or (args.clip_eps_high is not None and args.clip_eps_high <= 0):
         raise NanoseekError("--beta must be >= 0 and the clip ε > 0")
     if not 0 <= args.temperature <= 10 or not 0 < args.top_p <= 1:
@@ -89,31 +83,10 @@ def check_args(args) -> None:
         raise NanoseekError("--temperature 0 makes every completion of a group the same: nothing to learn from")
 
 
-def problem_pool(families, n: int, seed: int, offset: int) -> list[dict]:
-    """Problems with reasoning-gym's own entry (what score_answer needs); family i uses seed*1000 + offset + i."""
-    from nanoseek.data.tasks import check_families, generate
-    check_families(families)
-    pool = []
-    for i, f in enumerate(families):
-        pool += generate(f, n, seed * 1000 + offset + i)
-    return pool
-
-
-def prompt_ids(tok, problem: dict) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": problem["question"].strip()}])
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    return (((seed * 1_000_003) + step) * 1_000_033 + index) % (2**62)
-
-
-def rollout(model, tok, prompts: list[list[int]], group: int, params: dict, seeds: list[int], max_batch: int):
+def rollout(model, tok, prompts: list[list[int]], group: int, params: dict, seeds: list[int]):
     """G completions of each prompt from the engine -> Requests (prompt-major: prompt i's are [i*G, (i+1)*G))."""
-    from nanoseek.engine import Engine, SamplingParams
-    max_len = max(len(p) for p in prompts) + params["max_tokens"] + 1
-    engine = Engine(model, tok, max_batch=max_batch, max_len=min(max_len, model.args.max_position_embeddings))
-    sps = [SamplingParams(seed=s, **params) for s in seeds]
-    return engine.generate([p for p in prompts for _ in range(group)], sps)
+    return generate_all(model, tok, [p for p in prompts for _ in range(group)],
+                        [SamplingParams(seed=s, **params) for s in seeds], max_batch=len(seeds))
 
 
 def token_logprobs(model, ids: torch.Tensor, keep_logits: bool = False, temperature: float = 1.0):
@@ -143,14 +116,13 @@ def batch_tensors(prompts, reqs, eos: int, device):
 
 def eval_accuracy(model, tok, problems, rewards, max_new_tokens: int, seed: int) -> tuple[float, list[dict]]:
     """Accuracy at R1's settings (T 0.6, top-p 0.95), one sample per problem; rows of prompt/completion/rewards."""
-    from nanoseek.rl.rewards import accuracy_reward
-    prompts = [prompt_ids(tok, pr) for pr in problems]
+    prompts = [tok.prompt_ids(pr) for pr in problems]
     reqs = rollout(model, tok, prompts, 1, dict(max_tokens=max_new_tokens, temperature=0.6, top_p=0.95),
-                   [sample_seed(seed, -1, i) for i in range(len(prompts))], max_batch=len(prompts))
+                   [sample_seed(seed, -1, i) for i in range(len(prompts))])
     rows = []
     for pr, r in zip(problems, reqs):
         rows.append({"family": pr["family"], "question": pr["question"], "expected": pr["answer"],
-                     "completion": r.text, "accuracy": accuracy_reward(r.text, pr),
+                     "completion": r.text, "accuracy": R.accuracy_reward(r.text, pr),
                      **{f"reward/{rw.name}": rw(r.text, pr) for rw in rewards}})
     return sum(r["accuracy"] >= 1 for r in rows) / max(1, len(rows)), rows
 
@@ -168,273 +140,232 @@ def sample_table(step: int, acc: float, rows: list[dict], n: int = 12) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(args) -> dict:
-    from nanoseek.checkpoint import save_pretrained
-    from nanoseek.data.chat import SEED_RL
-    from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
-    from nanoseek.rl import grpo, rewards as R
-    from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors,
-                                       lr_factor, param_groups, resume_latest, rng_state, save_training_checkpoint)
-    from nanoseek.train.pretrain import prepare_run_dir
-    from nanoseek.train.sft import load_init
-    import numpy as np
 
+
+def reference_model(run: Run, model, tok):
+    """The frozen reference of the KL term: the starting weights, written once to OUT/reference so a resumed run
+    compares against the same model (None when β = 0)."""
+    if run.args.beta <= 0:
+        return None
+    if run.main and not (run.out / "reference" / "config.json").exists():
+        save_pretrained(model, run.out / "reference", tokenizer=tok)
+    barrier()
+    ref = from_pretrained(run.out / "reference", device=run.d.device, dtype=torch.float32).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class ProblemOrder:
+    """The step's problems, all ranks together, from the pool in a per-epoch shuffled order (state: epoch, cursor)."""
+
+    def __init__(self, pool: list[dict], seed: int, state: dict | None = None):
+        self.pool, self.seed = pool, seed
+        self.state = dict(state or {"epoch": 0, "cursor": 0})
+
+    def next(self, n: int) -> list[dict]:
+        picked, st = [], self.state
+        while len(picked) < n:
+            order = np.random.default_rng([self.seed, st["epoch"]]).permutation(len(self.pool))
+            take = order[st["cursor"]: st["cursor"] + n - len(picked)]
+            picked += [self.pool[i] for i in take]
+            st["cursor"] += len(take)
+            if st["cursor"] >= len(self.pool):
+                st["epoch"], st["cursor"] = st["epoch"] + 1, 0
+        return picked
+
+
+def score(rewards, reqs, problems, group: int, loss: str):
+    """Each reward of each completion [R, N], their weighted sum [N], and the group advantages [N]."""
+    per_reward = torch.zeros(len(rewards), len(reqs))
+    for j, rw in enumerate(rewards):
+        for i, r in enumerate(reqs):
+            per_reward[j, i] = rw(r.text, problems[i // group])
+    total = (torch.tensor([rw.weight for rw in rewards])[:, None] * per_reward).sum(0)
+    adv = grpo.group_advantages(total.view(-1, group), scale=loss != "dr_grpo").flatten()
+    return per_reward, total, adv
+
+
+def policy_update(run: Run, policy, ref, ids, mask, adv) -> dict:
+    """μ passes over the rollouts, `minibatches` optimizer steps each (PPO-clipped GRPO loss with the k3 KL to the
+    reference), micro-batched -> sums over this rank's tokens (loss, kl, clipped, entropy, tokens, grad_norm)."""
+    args, raw, T = run.args, run.model, run.args.temperature
+    raw.eval()
+    with torch.no_grad(), run.autocast():
+        old = None
+        if args.mu > 1 or args.minibatches > 1:
+            old = torch.cat([token_logprobs(raw, ids[i:i + args.micro_batch], temperature=T)[0]
+                             for i in range(0, len(ids), args.micro_batch)])
+        ref_lp = torch.cat([token_logprobs(ref, ids[i:i + args.micro_batch], temperature=T)[0]
+                            for i in range(0, len(ids), args.micro_batch)]) if ref is not None else None
+    raw.train()
+    stats = torch.zeros(6, device=run.d.device)  # loss, kl sum, clipped tokens, entropy sum, tokens, grad norm
+    n_updates = 0
+    mb_size = -(-len(ids) // args.minibatches)
+    for p in range(args.mu):
+        for b, mb in enumerate(torch.arange(len(ids)).split(mb_size)):
+            mb_tokens = mask[mb].sum().clamp(min=1)
+            micro_list = mb.split(args.micro_batch)
+            for k, micro in enumerate(micro_list):
+                sync = policy.no_sync if (run.d.enabled and k < len(micro_list) - 1) else contextlib.nullcontext
+                with sync(), run.autocast():
+                    lp, ent = token_logprobs(policy, ids[micro], keep_logits=True, temperature=T)
+                    old_lp = old[micro] if old is not None else lp.detach()
+                    loss, kl, clipped = grpo.grpo_loss(
+                        lp, old_lp, ref_lp[micro] if ref_lp is not None else None, adv[micro], mask[micro],
+                        args.beta, args.clip_eps, args.clip_eps_high, args.loss, args.max_new_tokens)
+                    # the loss was normalised over this micro-batch: rescale to the minibatch's share
+                    m = mask[micro]
+                    scale = (m.sum() / mb_tokens) if args.loss == "dapo" else len(micro) / len(mb)
+                    (loss * scale).backward()
+                with torch.no_grad():
+                    zero = torch.zeros((), device=stats.device)
+                    stats += torch.stack([(loss.detach() * scale).float(), (kl * m).sum().float() if kl is not None
+                                          else zero, (clipped & m).sum().float(), (ent * m).sum().float(),
+                                          m.sum().float(), zero])
+            last = p == args.mu - 1 and (b + 1) * mb_size >= len(ids)
+            # RL keeps the router bias as the checkpoint left it
+            out = run.optimizer_step({}, args.clip, update_bias=False, count=last)
+            stats[5] += out["grad_norm"]
+            n_updates += 1
+    return dict(zip(("loss", "kl", "clipped", "entropy", "tokens", "grad_norm"), stats.tolist())) | \
+        {"updates": n_updates}
+
+
+def main(args) -> dict:
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rewards = R.build(args.reward or ["accuracy", "format=0.1"])
-    d = init_distributed(args.device)
+    run = Run(args, "rl")
+    d = run.d
     if args.prompts % d.world:
         raise NanoseekError(f"--prompts {args.prompts} must be a multiple of the number of ranks ({d.world})")
-    out, init = Path(args.out), Path(args.init)
+    init = Path(args.init)
     model, tok = load_init(init, d.device)
     pool = problem_pool(args.families, args.problems, args.seed, SEED_RL)
     eval_pool = problem_pool(args.families, max(1, -(-args.eval_problems // len(args.families))), args.seed,
                              SEED_RL + 50)[:args.eval_problems]
     for rw in rewards:  # a broken reward stops the run here, before anything is written
-        gold = next(p for p in pool)
+        gold = pool[0]
         rw.probe(f"{chr(10).join(gold['steps'])}\n</think>\n\n{gold['answer']}", gold)
-    rw_acc = next((rw for rw in rewards if rw.name == "accuracy"), None)
-    identity = {"init": str(init.resolve()), "families": list(args.families), "problems": args.problems,
-                "seed": args.seed, "prompts": args.prompts, "group": args.group, "loss": args.loss,
-                "beta": args.beta, "rewards": [[rw.name, rw.weight] for rw in rewards], "lr": args.lr,
-                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mu": args.mu,
-                "minibatches": args.minibatches, "max_steps": args.max_steps}
-    resuming = prepare_run_dir(out, identity, args.resume, d.main)
-    barrier()  # every rank has decided before the main one writes run.json
-    if d.main and not resuming:
-        (out / "run.json").write_text(json.dumps({"identity": identity, "args": vars(args)}, indent=1, default=str))
-    (out / "samples").mkdir(parents=True, exist_ok=True) if d.main else None
-
-    # the reference: the starting weights, frozen, written once so a resumed run compares against the same model
-    ref = None
-    if args.beta > 0:
-        from nanoseek.checkpoint import from_pretrained
-        if d.main and not (out / "reference" / "config.json").exists():
-            save_pretrained(model, out / "reference", tokenizer=tok)
-        barrier()
-        ref = from_pretrained(out / "reference", device=d.device, dtype=torch.float32).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-
-    step, state, opt_state = 0, {}, None
-    if resuming:
-        ck, step, state, opt_state = resume_latest(out, model, d.device)
-        if ck is not None:
-            for rw in rewards:
-                rw.errors = state.get("reward_errors", {}).get(rw.name, 0)
-            if d.main:
-                print(f"resumed from {ck} (step {step})", flush=True)
-    raw = model
-    for p in raw.mtp.parameters():  # RL trains the main head only; the MTP module (a draft model) stays as it was
+    run.open({"init": str(init.resolve()), "families": list(args.families), "problems": args.problems,
+              "seed": args.seed, "prompts": args.prompts, "group": args.group, "loss": args.loss,
+              "beta": args.beta, "rewards": [[rw.name, rw.weight] for rw in rewards], "lr": args.lr,
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mu": args.mu,
+              "minibatches": args.minibatches, "max_steps": args.max_steps})
+    ref = reference_model(run, model, tok)
+    state = run.resume(model)
+    for rw in rewards:
+        rw.errors = state.get("reward_errors", {}).get(rw.name, 0)
+    for p in model.mtp.parameters():  # RL trains the main head only; the MTP module (a draft model) stays as it was
         p.requires_grad_(False)
-    policy = wrap(raw, d, "ddp")
-    opt = torch.optim.AdamW(param_groups(raw, 0.0), lr=args.lr, betas=(0.9, 0.99), eps=1e-8,
-                            fused=d.device.type == "cuda")
-    if opt_state is not None:
-        load_optimizer_tensors(opt, *opt_state)
-    autocast = autocast_for(d.device)
-    order_state = state.get("order", {"epoch": 0, "cursor": 0})
+    policy = run.start(model, args.max_steps, args.lr, 0.0, betas=(0.9, 0.99))
+    order = ProblemOrder(pool, args.seed, state.get("order"))
     nonzero = state.get("nonzero", {rw.name: 0 for rw in rewards})
-    wall_before = state.get("wall_seconds", 0.0)
     totals = state.get("totals", {"rollout_tokens": 0, "rollout_seconds": 0.0, "train_tokens": 0})
-    metrics, eval_log = (Metrics(out / n, resume_step=step if resuming else None, enabled=d.main)
-                         for n in ("metrics.jsonl", "eval.jsonl"))
+    run.cost = lambda wall: ledger_fields(args, totals)
 
-    def next_problems() -> list[dict]:
-        """The step's problems, all ranks together, in a per-epoch shuffled order (state: epoch, cursor)."""
-        picked = []
-        while len(picked) < args.prompts:
-            order = np.random.default_rng([args.seed, order_state["epoch"]]).permutation(len(pool))
-            take = order[order_state["cursor"]: order_state["cursor"] + args.prompts - len(picked)]
-            picked += [pool[i] for i in take]
-            order_state["cursor"] += len(take)
-            if order_state["cursor"] >= len(pool):
-                order_state["epoch"], order_state["cursor"] = order_state["epoch"] + 1, 0
-        return picked
-
-    def evaluate(step_: int) -> None:
-        acc, rows = eval_accuracy(raw, tok, eval_pool, rewards, args.max_new_tokens, args.seed)
+    def evaluate() -> None:
+        acc, rows = eval_accuracy(model, tok, eval_pool, rewards, args.max_new_tokens, args.seed)
         by_family = {}
         for r in rows:
             by_family.setdefault(r["family"], []).append(r["accuracy"] >= 1)
-        eval_log.write({"step": step_, "accuracy": acc, "problems": len(rows),
-                        "by_family": {f: sum(v) / len(v) for f, v in by_family.items()}})
-        (out / "samples" / f"step_{step_:06d}.md").write_text(sample_table(step_, acc, rows))
-        progress.write(f"step {step_}: held-out accuracy {acc:.3f} ({len(rows)} problems, T 0.6)  "
-                       + "  ".join(f"{f} {sum(v) / len(v):.2f}" for f, v in by_family.items()))
+        run.log({"accuracy": acc, "problems": len(rows),
+                 "by_family": {f: sum(v) / len(v) for f, v in by_family.items()}}, log="eval")
+        atomic_write(run.out / "samples" / f"step_{run.step:06d}.md", sample_table(run.step, acc, rows))
+        run.write(f"step {run.step}: held-out accuracy {acc:.3f} ({len(rows)} problems, T 0.6)  "
+                  + "  ".join(f"{f} {sum(v) / len(v):.2f}" for f, v in by_family.items()))
 
-    progress = Progress(args.max_steps, step, d.main, args.log_every, desc="grpo")
-    if d.main:
+    if run.main:
         print(f"grpo: {len(pool):,} problems ({', '.join(args.families)}), {args.prompts} x G={args.group} "
               f"completions per step, loss {args.loss}, β {args.beta}, rewards "
               + ", ".join(f"{rw.name}×{rw.weight:g}" for rw in rewards), flush=True)
-        if step == 0:
-            evaluate(0)
-    t_start = time.time()
+        if run.step == 0:
+            evaluate()
     gen_params = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    while step < args.max_steps:
+    share = args.prompts // d.world
+    while run.step < args.max_steps:
         t0 = time.time()
-        lr = args.lr * lr_factor(step, args.max_steps, args.warmup, "constant", 1.0, 0.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # ---- rollouts: this rank's share of the step's problems ----
-        problems = next_problems()
-        share = args.prompts // d.world
-        mine = problems[d.rank * share:(d.rank + 1) * share]
-        prompts = [prompt_ids(tok, pr) for pr in mine]
+        lr = args.lr * lr_factor(run.step, args.max_steps, args.warmup, "constant", 1.0, 0.0)
+        run.set_lr(lr)
+        # ---- rollouts: this rank's share of the step's problems; every sample seeded by (seed, step, index) ----
+        mine = order.next(args.prompts)[d.rank * share:(d.rank + 1) * share]
+        prompts = [tok.prompt_ids(pr) for pr in mine]
         first = d.rank * share * args.group
-        seeds = [sample_seed(args.seed, step, first + i) for i in range(share * args.group)]
-        reqs = rollout(raw, tok, prompts, args.group, gen_params, seeds, max_batch=len(seeds))
+        seeds = [sample_seed(args.seed, run.step, first + i) for i in range(share * args.group)]
+        reqs = rollout(model, tok, prompts, args.group, gen_params, seeds)
         t_roll = time.time() - t0
-        # ---- rewards ----
         t1 = time.time()
         errors_before = {rw.name: rw.errors for rw in rewards}
-        per_reward = torch.zeros(len(rewards), len(reqs))
-        for j, rw in enumerate(rewards):
-            for i, r in enumerate(reqs):
-                per_reward[j, i] = rw(r.text, mine[i // args.group])
-        total = (torch.tensor([rw.weight for rw in rewards])[:, None] * per_reward).sum(0)
-        adv = grpo.group_advantages(total.view(-1, args.group), scale=args.loss != "dr_grpo").flatten()
+        per_reward, total, adv = score(rewards, reqs, mine, args.group, args.loss)
         t_reward = time.time() - t1
-        # ---- training: μ passes, `minibatches` optimizer steps each ----
         t2 = time.time()
-        seq_prompts = [p for p in prompts for _ in range(args.group)]
-        ids, mask = batch_tensors(seq_prompts, reqs, tok.eos_id, d.device)
-        adv = adv.to(d.device)
-        T = args.temperature
-        raw.eval()
-        with torch.no_grad(), autocast():
-            old = None
-            if args.mu > 1 or args.minibatches > 1:
-                old = torch.cat([token_logprobs(raw, ids[i:i + args.micro_batch], temperature=T)[0]
-                                 for i in range(0, len(ids), args.micro_batch)])
-            ref_lp = torch.cat([token_logprobs(ref, ids[i:i + args.micro_batch], temperature=T)[0]
-                                for i in range(0, len(ids), args.micro_batch)]) if ref is not None else None
-        raw.train()
-        stats = torch.zeros(6, device=d.device)  # loss, kl sum, clipped tokens, entropy sum, tokens, grad norm
-        n_updates = 0
-        perm = torch.arange(len(ids))
-        mb_size = -(-len(ids) // args.minibatches)
-        for _ in range(args.mu):
-            for mb in perm.split(mb_size):
-                mb_tokens = mask[mb].sum().clamp(min=1)
-                micro_list = mb.split(args.micro_batch)
-                for k, micro in enumerate(micro_list):
-                    sync = policy.no_sync if (d.enabled and k < len(micro_list) - 1) else contextlib.nullcontext
-                    with sync(), autocast():
-                        lp, ent = token_logprobs(policy, ids[micro], keep_logits=True, temperature=T)
-                        old_lp = old[micro] if old is not None else lp.detach()
-                        loss, kl, clipped = grpo.grpo_loss(
-                            lp, old_lp, ref_lp[micro] if ref_lp is not None else None, adv[micro], mask[micro],
-                            args.beta, args.clip_eps, args.clip_eps_high, args.loss, args.max_new_tokens)
-                        # the loss was normalised over this micro-batch: rescale to the minibatch's share
-                        m = mask[micro]
-                        scale = (m.sum() / mb_tokens) if args.loss == "dapo" else len(micro) / len(mb)
-                        (loss * scale).backward()
-                    with torch.no_grad():
-                        stats[0] += loss.detach().float() * scale
-                        stats[1] += (kl * m).sum() if kl is not None else 0.0
-                        stats[2] += (clipped & m).sum()
-                        stats[3] += (ent * m).sum()
-                        stats[4] += m.sum()
-                gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip if args.clip > 0 else float("inf"))
-                if torch.isfinite(gn):
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                stats[5] += gn.detach().float()
-                n_updates += 1
-        step += 1
+        ids, mask = batch_tensors([p for p in prompts for _ in range(args.group)], reqs, tok.eos_id, d.device)
+        upd = policy_update(run, policy, ref, ids, mask, adv.to(d.device))
         t_train = time.time() - t2
-        # ---- metrics (summed over ranks) ----
-        out_lens = torch.tensor([len(r.output) for r in reqs], dtype=torch.float32)
+        # ---- metrics, by name, summed over ranks ----
         groups = total.view(-1, args.group)
-        vec = torch.cat([per_reward.sum(1), total.sum().reshape(1), out_lens.sum().reshape(1),
-                         torch.tensor([float(len(reqs)), float(sum(r.finish_reason == "length" for r in reqs)),
-                                       float((groups.std(1) == 0).sum()), float(len(groups))]),
-                         (per_reward[[j for j, rw in enumerate(rewards) if rw is rw_acc]] >= 1).float().sum(1)
-                         if rw_acc is not None else torch.zeros(1),
-                         torch.tensor([float(rw.errors - errors_before[rw.name]) for rw in rewards])]).to(d.device)
-        all_reduce(vec)
-        all_reduce(stats)
-        n_rw = len(rewards)
-        n = vec[n_rw + 2].item()
+        acc_j = next((j for j, rw in enumerate(rewards) if rw.name == "accuracy"), None)
+        s = run.all_sum({"n": len(reqs), "reward": total.sum(), "length": sum(len(r.output) for r in reqs),
+                         "truncated": sum(r.finish_reason == "length" for r in reqs),
+                         "zero_std": (groups.std(1) == 0).sum(), "groups": len(groups),
+                         "correct": (per_reward[acc_j] >= 1).sum() if acc_j is not None else 0,
+                         **{f"reward/{rw.name}": per_reward[j].sum() for j, rw in enumerate(rewards)},
+                         **{f"errors/{rw.name}": rw.errors - errors_before[rw.name] for rw in rewards},
+                         **{f"train/{k}": v for k, v in upd.items()}})
         for j, rw in enumerate(rewards):
             nonzero[rw.name] += int(per_reward[j].ne(0).sum())
-        roll_tokens = int(vec[n_rw + 1].item())
-        totals["rollout_tokens"] += roll_tokens
+        n, tokens = s["n"], s["train/tokens"]
+        totals["rollout_tokens"] += int(s["length"])
         totals["rollout_seconds"] += t_roll
-        totals["train_tokens"] += int(stats[4].item()) * args.mu
+        totals["train_tokens"] += int(tokens) * args.mu
         dt = time.time() - t0
-        row = {"step": step, "reward": vec[n_rw].item() / n,
-               **{f"reward/{rw.name}": vec[j].item() / n for j, rw in enumerate(rewards)},
-               "accuracy": vec[n_rw + 6].item() / n if rw_acc is not None else None,
-               "response_length": vec[n_rw + 1].item() / n, "truncated": vec[n_rw + 3].item() / n,
-               "zero_std_groups": vec[n_rw + 4].item() / vec[n_rw + 5].item(),
-               "loss": stats[0].item() / (n_updates * d.world),
-               "kl": stats[1].item() / stats[4].item() if ref is not None else None,
-               "clip_fraction": stats[2].item() / stats[4].item(), "entropy": stats[3].item() / stats[4].item(),
-               "grad_norm": stats[5].item() / (n_updates * d.world), "lr": lr,
-               "reward_errors": {rw.name: int(vec[n_rw + 7 + j].item()) for j, rw in enumerate(rewards)},
-               "rollout_seconds": t_roll, "reward_seconds": t_reward, "train_seconds": t_train, "step_seconds": dt,
-               "rollout_share": t_roll / dt, "rollout_tokens_per_s": roll_tokens / max(t_roll, 1e-9) / d.world}
-        metrics.write(row)
-        progress.update(step, {"reward": f"{row['reward']:.3f}",
-                               **({"acc": f"{row['accuracy']:.3f}"} if row["accuracy"] is not None else {}),
-                               "len": f"{row['response_length']:.0f}",
-                               **({"kl": f"{row['kl']:.4f}"} if row["kl"] is not None else {}),
-                               "clip": f"{row['clip_fraction']:.3f}", "ent": f"{row['entropy']:.2f}",
-                               "rollout": f"{100 * row['rollout_share']:.0f}%"})
-        for j, rw in enumerate(rewards):
-            if row["reward_errors"][rw.name]:
-                progress.write(f"step {step}: reward {rw.name!r} failed on {row['reward_errors'][rw.name]} of "
-                               f"{int(n)} completions (scored 0): {rw.last_error}")
-            if step in (1, 5) or step % args.eval_every == 0:
-                if nonzero[rw.name] == 0:
-                    progress.write(f"step {step}: reward {rw.name!r} has been 0 for every completion so far: check "
-                                   f"the function and what the model writes (samples/ has examples)")
-        if d.main and (step % args.eval_every == 0 or step == args.max_steps):
-            evaluate(step)
-        if step % args.save_every == 0 or step == args.max_steps:
-            st = {"order": dict(order_state), "rng": rng_state(), "nonzero": nonzero, "totals": totals,
-                  "reward_errors": {rw.name: rw.errors for rw in rewards},
-                  "wall_seconds": wall_before + time.time() - t_start}
-            full = gather_full(raw, opt)
-            if d.main:
-                save_training_checkpoint(out, step, raw, full, st, tok, args.keep)
-                ledger(out, step, st["wall_seconds"], totals, d, args)
-            barrier()
-        if args.stop_after == step:  # tests: an interruption right after this step
-            raise SystemExit(3)
-    progress.close()
-    wall = wall_before + time.time() - t_start
-    result = ledger(out, step, wall, totals, d, args)
-    if d.main:
-        save_pretrained(raw, out / "model", tokenizer=tok, state_dict=gather_full(raw, opt)["model"])
-        errs = {rw.name: rw.errors for rw in rewards if rw.errors}
-        print(f"model: {out / 'model'}  ({step} GRPO steps, {wall / 60:.1f} min, rollouts "
-              f"{100 * totals['rollout_seconds'] / max(wall, 1e-9):.0f}% of the time)"
+        row = {"reward": s["reward"] / n, **{f"reward/{rw.name}": s[f"reward/{rw.name}"] / n for rw in rewards},
+               "accuracy": s["correct"] / n if acc_j is not None else None,
+               "response_length": s["length"] / n, "truncated": s["truncated"] / n,
+               "zero_std_groups": s["zero_std"] / s["groups"], "loss": s["train/loss"] / s["train/updates"],
+               "kl": s["train/kl"] / tokens if ref is not None else None, "clip_fraction": s["train/clipped"] / tokens,
+               "entropy": s["train/entropy"] / tokens, "grad_norm": s["train/grad_norm"] / s["train/updates"],
+               "lr": lr, "reward_errors": {rw.name: int(s[f"errors/{rw.name}"]) for rw in rewards},
+               "rollout_seconds": t_roll, "reward_seconds": t_reward, "train_seconds": t_train,
+               "step_seconds": dt, "rollout_share": t_roll / dt,
+               "rollout_tokens_per_s": s["length"] / max(t_roll, 1e-9) / d.world}
+        run.log(row, show={"reward": f"{row['reward']:.3f}",
+                           **({"acc": f"{row['accuracy']:.3f}"} if row["accuracy"] is not None else {}),
+                           "len": f"{row['response_length']:.0f}",
+                           **({"kl": f"{row['kl']:.4f}"} if row["kl"] is not None else {}),
+                           "clip": f"{row['clip_fraction']:.3f}", "ent": f"{row['entropy']:.2f}",
+                           "rollout": f"{100 * row['rollout_share']:.0f}%"})
+        warn_rewards(run, rewards, row["reward_errors"], nonzero, int(n))
+        if run.main and run.due(args.eval_every):
+            evaluate()
+        if run.due(args.save_every):
+            run.checkpoint({"order": dict(order.state), "nonzero": nonzero, "totals": totals,
+                            "reward_errors": {rw.name: rw.errors for rw in rewards}}, tok)
+    result = run.finish(tok)
+    errs = {rw.name: rw.errors for rw in rewards if rw.errors}
+    run.print(f"model: {run.out / 'model'}  ({run.step} GRPO steps, {result['wall_seconds'] / 60:.1f} min, rollouts "
+              f"{100 * totals['rollout_seconds'] / max(result['wall_seconds'], 1e-9):.0f}% of the time)"
               + (f"; reward failures: {errs}" if errs else ""))
-    barrier()
     return result
 
 
-def ledger(out: Path, step: int, wall: float, totals: dict, d, args) -> dict:
+def warn_rewards(run: Run, rewards, errors: dict, nonzero: dict, n: int) -> None:
+    """A reward that failed this step, or that has been 0 for every completion so far: say so by name."""
+    for rw in rewards:
+        if errors[rw.name]:
+            run.write(f"step {run.step}: reward {rw.name!r} failed on {errors[rw.name]} of {n} completions "
+                      f"(scored 0): {rw.last_error}")
+        if (run.step in (1, 5) or run.step % run.args.eval_every == 0) and nonzero[rw.name] == 0:
+            run.write(f"step {run.step}: reward {rw.name!r} has been 0 for every completion so far: check the "
+                      f"function and what the model writes (samples/ has examples)")
+
+
+def ledger_fields(args, totals: dict) -> dict:
     """The stage's cost: a forward per rollout token, a training step per trained token and pass, and a forward per
     token for each extra no-grad pass (reference, π_old). Prompt tokens are left out (they are short here)."""
-    from nanoseek import cost
-    from nanoseek.config import ModelArgs
-    margs = ModelArgs.from_json(Path(args.init) / "config.json")
-    fpt = cost.flops_per_token(margs, 256)
+    fpt = cost.flops_per_token(ModelArgs.from_json(Path(args.init) / "config.json"), 256)
     extra = (args.beta > 0) + (args.mu > 1 or args.minibatches > 1)
     trained = totals["train_tokens"] / args.mu  # distinct completion tokens (each trained μ times)
     flops = fpt["forward"] * totals["rollout_tokens"] + (fpt["training"] * args.mu + fpt["forward"] * extra) * trained
-    hours = wall * d.world / 3600
-    row = {"stage": "rl", "steps": step, "rollout_tokens": totals["rollout_tokens"],
-           "trained_tokens": totals["train_tokens"], "flops": flops, "wall_seconds": wall,
-           "rollout_seconds": totals["rollout_seconds"], "device": str(d.device), "device_count": d.world,
-           "device_hours": hours, "gpu_hours": hours if d.device.type == "cuda" else 0.0,
-           "usd_per_device_hour": args.usd_per_hour, "usd": hours * args.usd_per_hour}
-    if d.main:
-        (out / "ledger.json").write_text(json.dumps(row, indent=1) + "\n")
-    return row
+    return {"rollout_tokens": totals["rollout_tokens"], "trained_tokens": totals["train_tokens"], "flops": flops,
+            "rollout_seconds": totals["rollout_seconds"]}

@@ -1,0 +1,295 @@
+"""The skeleton every trainer shares (after torchtitan's `Trainer` and nanochat's shared helpers), so that each trainer
+file (pretrain, sft, rl; distill goes through sft) reads as its own loop and nothing else:
+
+    run = Run(args, "sft")                 threads, process group, device
+    run.open(identity)                     run directory: new (run.json written first, atomically), resumed, or refused
+    state = run.resume(model)              newest complete checkpoint -> weights, RNG, step, loop state ({} if none)
+    policy = run.start(model, ...)         wrap (DDP / FSDP2), AdamW (+ its resumed state), metrics, progress, trackers
+    while run.step < max_steps:
+        ... the trainer's own forward / backward ...
+        out = run.optimizer_step(losses)   clip, the non-finite vote over ranks, skip or step, router-bias update
+        run.log(row)                       metrics.jsonl (+ TensorBoard, W&B), by name; the progress bar
+        if run.due(save_every): run.checkpoint(loop_state)
+    run.finish(tok)                        ledger.json, OUT/model
+
+A run killed at any moment continues when the same command is run again: run.json, checkpoints, the ledger and the
+final model are written atomically, and metrics past the resumed step are dropped.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanoseek.checkpoint import atomic_write, save_pretrained
+from nanoseek.errors import NanoseekError
+from nanoseek.model import from_pretrained
+from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
+from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors, param_groups,
+                                   resume_latest, rng_state, save_training_checkpoint)
+
+
+def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int) -> None:
+    """The flags every trainer has (argparse group g)."""
+    g.add_argument("--save-every", type=int, default=save_every, help="write a checkpoint every K steps (and at the end)")
+    g.add_argument("--keep", type=int, default=keep, help="checkpoints to keep")
+    g.add_argument("--resume", choices=["auto", "never"], default="never",
+                   help="auto: continue from the newest complete checkpoint in OUT (or start if there is none)")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps (and at the end)")
+    g.add_argument("--log-every", type=int, default=log_every, help="plain progress lines every K steps when not a TTY")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--usd-per-hour", type=float, default=2.0, help="price of one device-hour for the ledger")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
+    g.add_argument("--wandb", action="store_true",
+                   help="also log the metrics to Weights & Biases, offline unless WANDB_MODE says otherwise "
+                        "(extra: nanoseek[wandb])")
+
+
+def check_positive(args, names) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise NanoseekError(f"--lr must be a positive number, got {args.lr}")
+
+
+def prepare_run_dir(out: Path, identity: dict, resume: str, is_main: bool) -> bool:
+    """Decide whether this is a new run or a resumed one; refuse to touch a directory that holds something else."""
+    run_file = out / "run.json"
+    if run_file.exists():
+        old = json.loads(run_file.read_text())
+        if resume != "auto":
+            raise NanoseekError(f"{out} already holds a run; pass --resume auto to continue it, or choose another --out")
+        if old.get("identity") != identity:
+            diff = sorted(k for k in set(old.get("identity", {})) | set(identity)
+                          if old.get("identity", {}).get(k) != identity.get(k))
+            raise NanoseekError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another --out")
+        return True
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".run.json.tmp-")):
+        raise NanoseekError(f"{out} is not empty and holds no nanoseek run; choose an empty or new --out")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def load_init(path, device) -> tuple:
+    """A checkpoint to train from: the model in fp32 (master weights) and its tokenizer."""
+    model = from_pretrained(path, device=device, dtype=torch.float32)
+    if model.tokenizer is None:
+        raise NanoseekError(f"{path} has no tokenizer.json: training on chat data needs the model's tokenizer")
+    return model, model.tokenizer
+
+
+class Trackers:
+    """Where users watch metrics besides metrics.jsonl: TensorBoard event files and Weights & Biases (offline by
+    default). Both are optional extras; a missing one is one clear line."""
+
+    def __init__(self, args, out: Path, stage: str, step: int, enabled: bool):
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if getattr(args, "tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
+            except ImportError:
+                raise NanoseekError("--tensorboard needs the tensorboard package: pip install 'nanoseek[tensorboard]'") \
+                    from None
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)  # a resumed run drops the rest
+        if getattr(args, "wandb", False):
+            try:
+                import wandb  # optional: heavy, and only for those who ask
+            except ImportError:
+                raise NanoseekError("--wandb needs the wandb package: pip install 'nanoseek[wandb]'") from None
+            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]  # the same run when resumed
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanoseek"), name=f"{out.name}-{stage}",
+                                    id=run_id, resume="allow", dir=str(out),
+                                    mode=os.environ.get("WANDB_MODE", "offline"),
+                                    config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+
+    def log(self, row: dict, step: int, prefix: str = "") -> None:
+        scalars = {prefix + k: float(v) for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Run:
+    def __init__(self, args, stage: str, out=None):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args, self.stage = args, stage
+        self.d = init_distributed(args.device)
+        self.out = Path(out or args.out)
+        self.step, self.skipped, self.wall_before = 0, 0, 0.0
+        self.resuming, self._opt_state = False, None
+        self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
+        self.autocast = autocast_for(self.d.device)
+
+    @property
+    def main(self) -> bool:
+        return self.d.main
+
+    def print(self, *a) -> None:
+        if self.main:
+            print(*a, flush=True)
+
+    # ---- directory and resume ----
+    def open(self, identity: dict) -> bool:
+        """New run (run.json written at once, so a run killed in its first seconds is found again), resumed run, or
+        a refusal; every rank decides before the main one writes."""
+        self.resuming = prepare_run_dir(self.out, identity, self.args.resume, self.main)
+        barrier()
+        if self.main and not self.resuming:
+            atomic_write(self.out / "run.json", json.dumps({"identity": identity, "args": vars(self.args)}, indent=1,
+                                                           default=str))
+        barrier()
+        return self.resuming
+
+    def resume(self, model) -> dict:
+        """Load the newest complete checkpoint into `model` (weights, RNG; the optimizer state waits for start) ->
+        the trainer's loop state, {} when starting fresh."""
+        if not self.resuming:
+            return {}
+        ck, self.step, state, self._opt_state = resume_latest(self.out, model, self.d.device)
+        if ck is None:
+            self.print(f"no complete checkpoint in {self.out}: starting from scratch")
+            return {}
+        self.skipped, self.wall_before = state.get("skipped_steps", 0), state.get("wall_seconds", 0.0)
+        self.print(f"resumed from {ck} (step {self.step})")
+        return state
+
+    # ---- the loop ----
+    def start(self, model, max_steps: int, lr: float, weight_decay: float, betas=(0.9, 0.95), parallel: str = "ddp",
+              logs=("metrics.jsonl", "eval.jsonl")):
+        """Wrap the model for the ranks, build AdamW over its trainable parameters (its resumed state loaded), open
+        the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
+        self.model, self.max_steps = model, max_steps
+        wrapped = wrap(model, self.d, parallel)
+        self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
+                                     fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps the parameters
+        if self._opt_state is not None:
+            load_optimizer_tensors(self.opt, *self._opt_state)
+        resumed = self.step if self.resuming else None
+        self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=resumed, enabled=self.main)
+                     for name in logs}
+        self.trackers = Trackers(self.args, self.out, self.stage, self.step, self.main)
+        self.progress = Progress(max_steps, self.step, self.main, self.args.log_every, desc=self.stage)
+        self.t_start = time.time()
+        return wrapped
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def optimizer_step(self, losses: dict, clip: float, update_bias: bool = True, count: bool = True) -> dict:
+        """Clip the gradients, then vote: a non-finite loss or gradient on any rank skips the step on every rank
+        (weights and router bias untouched, counted in skipped_steps); else AdamW steps and, with update_bias, the
+        auxiliary-loss-free bias moves by the expert loads summed over ranks. `losses` are this rank's (name ->
+        tensor); returned with their mean over ranks, the grad norm, `skipped` and the max/mean load per MoE layer.
+        count: this is the loop's step (steps that are several optimizer steps count once, with count on the last)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        names = list(losses)
+        vals = torch.stack([losses[k].detach().float().reshape(()) for k in names]).to(self.d.device) if names \
+            else torch.zeros(0, device=self.d.device)
+        bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
+        all_reduce(bad, dist.ReduceOp.MAX)
+        all_reduce(vals)
+        vals /= self.d.world
+        balance = []
+        if update_bias:
+            loads = [m.tokens_per_expert for m in self.model.moe_layers()]
+            for load in loads:
+                all_reduce(load)
+            balance = [round((l.max() / l.mean()).item(), 3) if l.sum() > 0 else None for l in loads]
+        skipped = bool(bad.item() > 0)
+        if skipped:
+            self.skipped += 1
+            for m in self.model.moe_layers() if update_bias else ():
+                m.tokens_per_expert.zero_()
+        else:
+            self.opt.step()
+            if update_bias:
+                self.model.update_bias()
+        self.opt.zero_grad(set_to_none=True)
+        if count:
+            self.step += 1
+        return {**{k: v for k, v in zip(names, vals.tolist())}, "grad_norm": grad_norm.item(), "skipped": skipped,
+                "expert_load_max_over_mean": balance}
+
+    def all_sum(self, values: dict) -> dict:
+        """Sum numbers over ranks by name, in one collective."""
+        names = list(values)
+        t = all_reduce(torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=self.d.device))
+        return dict(zip(names, t.tolist()))
+
+    def all_mean(self, values: dict) -> dict:
+        return {k: v / self.d.world for k, v in self.all_sum(values).items()}
+
+    def log(self, row: dict, show: dict | None = None, log: str = "metrics") -> None:
+        """One row of metrics by name (to log.jsonl, TensorBoard and W&B); `show`: the progress bar's fields."""
+        row = {"step": self.step, **row}
+        self.logs[log].write(row)
+        self.trackers.log(row, self.step, "" if log == "metrics" else f"{log}/")
+        if show is not None:
+            self.progress.update(self.step, show)
+
+    def write(self, line: str) -> None:
+        self.progress.write(line)
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.max_steps
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.t_start
+
+    # ---- checkpoints, ledger, the end ----
+    def checkpoint(self, state: dict, tok) -> None:
+        """A complete training checkpoint (model, optimizer, the trainer's loop state + RNG, counters), written
+        atomically by the main rank after every rank took part in gathering it; then the ledger."""
+        st = {**state, "rng": rng_state(), "skipped_steps": self.skipped, "wall_seconds": self.wall()}
+        full = gather_full(self.model, self.opt)  # collective under FSDP
+        if self.main:
+            save_training_checkpoint(self.out, self.step, self.model, full, st, tok, self.args.keep)
+            self.ledger(st["wall_seconds"])
+        barrier()
+
+    def ledger(self, wall: float | None = None) -> dict:
+        """ledger.json: what the stage cost. The trainer's `cost()` gives its own fields (tokens, FLOPs, ...)."""
+        wall = self.wall() if wall is None else wall
+        hours = wall * self.d.world / 3600
+        device = torch.cuda.get_device_name(self.d.device) if self.d.device.type == "cuda" else str(self.d.device)
+        row = {"stage": self.stage, "steps": self.step, "skipped_steps": self.skipped, "wall_seconds": wall,
+               "device": device, "device_count": self.d.world, "device_hours": hours,
+               "gpu_hours": hours if self.d.device.type == "cuda" else 0.0,
+               "usd_per_device_hour": self.args.usd_per_hour, "usd": hours * self.args.usd_per_hour, **self.cost(wall)}
+        if self.main:
+            atomic_write(self.out / "ledger.json", json.dumps(row, indent=1) + "\n")
+        return row
+
+    def finish(self, tok) -> dict:
+        """The final ledger and OUT/model (published layout, loadable by from_pretrained and transformers)."""
+        self.progress.close()
+        result = self.ledger()
+        final = gather_full(self.model, self.opt)["model"]  # collective under FSDP
+        if self.main:
+            save_pretrained(self.model, self.out / "model", tokenizer=tok, state_dict=final)
+        self.trackers.close()
+        barrier()
+        return result
