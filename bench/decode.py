@@ -136,7 +136,7 @@ def speculative(checkpoint: str, data: str | None, n_prompts: int = 8, new: int 
     import json
     from pathlib import Path
 
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     model = from_pretrained(checkpoint)
     tok = model.tokenizer
     probs = Path(data or Path(checkpoint).parent / "data") / "val_problems.jsonl"

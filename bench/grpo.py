@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanoseek.checkpoint import from_pretrained  # first: nanoseek sets torch's CPU allocator options
+from nanoseek import from_pretrained  # first: nanoseek sets torch's CPU allocator options
 from nanoseek.cost import synchronize as sync
 
 import torch
@@ -35,14 +35,16 @@ def main():
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     import transformers
-    from nanoseek.train.rl import RL_FAMILIES, problem_pool, prompt_ids, rollout, sample_seed
+    from nanoseek.data.tasks import RL_FAMILIES, problem_pool
+    from nanoseek.engine import sample_seed
+    from nanoseek.train.rl import rollout
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
     tok = model.tokenizer
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
     problems = problem_pool(RL_FAMILIES, -(-args.prompts // len(RL_FAMILIES)), 7, 600)[:args.prompts]
-    prompts = [prompt_ids(tok, p) for p in problems]
+    prompts = [tok.prompt_ids(p) for p in problems]
     n = args.prompts * args.group
     print(f"device {device}, torch {torch.__version__}, transformers {transformers.__version__}, {dtype}, "
           f"{torch.get_num_threads()} threads; {args.prompts} prompts x G={args.group}, <= {args.new} new tokens, "
@@ -50,7 +52,7 @@ def main():
 
     def ours():
         reqs = rollout(model, tok, prompts, args.group, dict(max_tokens=args.new, temperature=1.0, top_p=1.0),
-                       [sample_seed(0, 0, i) for i in range(n)], max_batch=n)
+                       [sample_seed(0, 0, i) for i in range(n)])
         return sum(len(r.output) for r in reqs)
 
     def theirs():

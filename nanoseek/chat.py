@@ -84,7 +84,7 @@ def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> s
 
 
 def main(args) -> None:
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     from nanoseek.engine import Engine, SamplingParams
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:

@@ -69,7 +69,7 @@ def cmd_init(args):
 
 def cmd_generate(args):
     import torch
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     model = from_pretrained(args.checkpoint)
     tok = model.tokenizer
     if tok is None:
@@ -99,7 +99,7 @@ def cmd_serve(args):
 
 def cmd_convert(args):
     import torch
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     model = from_pretrained(args.src, dtype=dtype)
     model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
@@ -111,7 +111,7 @@ def cmd_convert(args):
 def cmd_demo(args):
     """Tokenizer -> tiny model -> save -> load back (checked equal) -> generate a few tokens."""
     import torch
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     from nanoseek.config import get_preset
     from nanoseek.cost import report
     from nanoseek.model import build_model

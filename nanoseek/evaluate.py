@@ -15,6 +15,7 @@ Writes OUT/tts.png, OUT/eval.md, then OUT/eval.json (with the per-problem counts
 atomically: eval.json, written last, marks a finished evaluation.
 """
 
+import io
 import json
 import math
 import time
@@ -213,10 +214,9 @@ def plot_tts(results: list[tuple[str, dict]], path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("test-time scaling: accuracy against thinking budget")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)  # whole or not at all
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())  # whole or not at all
     plt.close(fig)
 
 

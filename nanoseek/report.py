@@ -6,13 +6,16 @@ paired difference on the same problems and its 95% interval), accuracy against t
 every stage.
 """
 
+import io
 import json
 import math
 import platform
 import time
 from pathlib import Path
 
+from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
+from nanoseek.evaluate import group_mean, plot_tts, pooled
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -48,6 +51,13 @@ def paired(a: dict, b: dict, families) -> tuple[float, float, int]:
     return m, 1.96 * sd / math.sqrt(len(d)), len(d)
 
 
+def save_png(fig, path: Path) -> None:
+    """A figure written whole or not at all."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
+
+
 def plots(run: Path, out: Path, stages: dict, evals: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -70,7 +80,7 @@ def plots(run: Path, out: Path, stages: dict, evals: dict) -> list[str]:
         if ax.get_lines():
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss.png")
+    save_png(fig, out / "loss.png")
     plt.close(fig)
     made.append("loss.png")
     # rewards
@@ -95,7 +105,7 @@ def plots(run: Path, out: Path, stages: dict, evals: dict) -> list[str]:
         axes[1].legend(loc="upper left", fontsize=8)
         ax2.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "reward.png")
+        save_png(fig, out / "reward.png")
         plt.close(fig)
         made.append("reward.png")
     if evals:
@@ -113,18 +123,16 @@ def plots(run: Path, out: Path, stages: dict, evals: dict) -> list[str]:
         ax.set_title("accuracy before and after RL (* never trained)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "accuracy.png")
+        save_png(fig, out / "accuracy.png")
         plt.close(fig)
         made.append("accuracy.png")
         if any(r["tts"] for r in evals.values()):
-            from nanoseek.evaluate import plot_tts
             plot_tts(list(evals.items()), out / "tts.png")
             made.append("tts.png")
     return made
 
 
 def build(run) -> str:
-    from nanoseek.evaluate import group_mean, pooled
     run = Path(run)
     if not run.is_dir():
         raise NanoseekError(f"{run} is not a directory")
@@ -247,7 +255,7 @@ def build(run) -> str:
           "## Use it", "", "```", f"nanoseek chat --checkpoint {run / 'rl' / 'model'}",
           f"nanoseek serve {run / 'rl' / 'model'}", "```", ""]
     text = "\n".join(L)
-    (run / "report.md").write_text(text)
+    atomic_write(run / "report.md", text)
     return text
 
 

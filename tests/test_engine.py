@@ -156,17 +156,53 @@ def tok():
 
 
 def test_thinking_budget_and_stops(model, tok):
+    """A thinking budget closes the thought within budget tokens, cutting an unfinished line back to the last whole
+    one (as eval --budgets measures it); streams hold a budgeted thought's line back until it is whole."""
     eng = Engine(model, tokenizer=tok, max_batch=2)
     eng.eos = -1
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])  # ends inside <think>
-    for budget in (0, 3, 7):
-        r = eng.generate([prompt], SamplingParams(max_tokens=15, temperature=1.0, seed=3,
-                                                  thinking_budget=budget))[0]
-        closes = [i for i, t in enumerate(r.output) if t == tok.end_think_id]
-        assert closes and closes[0] <= budget  # the thought is closed within the budget
-        assert r.thinking_tokens <= budget
-        if closes[0] == budget > 0:  # cut by the budget: its last token ends the line, as trained thoughts end
-            assert tok.newline_id is not None and r.output[budget - 1] == tok.newline_id
+    nl, cut_back = tok.newline_id, 0
+    for seed in range(8):
+        for budget in (0, 3, 7):
+            r = eng.add(prompt, SamplingParams(max_tokens=15, temperature=1.0, seed=seed, thinking_budget=budget))
+            streamed = []
+            while eng.has_work:
+                eng.step()
+                streamed += r.stream()
+            assert streamed == r.output  # a stream never hands out a token that the budget later cuts back
+            closes = [i for i, t in enumerate(r.output) if t == tok.end_think_id]
+            assert closes, r.output
+            thought = r.output[:closes[0]]
+            assert r.thinking_tokens == len(thought) <= budget  # closed within the budget
+            # closed by the model itself (before the budget ran out), or cut back to its last whole line
+            assert len(thought) < budget or not thought or thought[-1] == nl
+
+
+
+def test_budget_cuts_back_to_the_last_whole_line(model, tok, monkeypatch):
+    """With decode steered to write lines of three tokens and never close the thought itself, a budget of 7 keeps
+    the two whole lines (6 tokens), drops the unfinished third, closes the thought and answers."""
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    nl, P = tok.newline_id, len(prompt)
+    decode = Engine.decode
+
+    def steered(self, ids, slots, start):
+        logits = decode(self, ids, slots, start).clone()
+        logits[:, tok.end_think_id] = float("-inf")
+        for i, s in enumerate(start.tolist()):
+            if (s - P + 1) % 3 == 2:  # the output token being sampled is the third of its line
+                logits[i, nl] = 1e4
+            else:
+                logits[i, nl] = float("-inf")
+        return logits
+    monkeypatch.setattr(Engine, "decode", steered)
+    eng = Engine(model, tokenizer=tok, max_batch=1)
+    eng.eos = -1
+    for budget, kept in ((7, 6), (6, 6), (5, 3), (2, 0)):
+        r = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=1, thinking_budget=budget))[0]
+        assert r.output.index(tok.end_think_id) == kept == r.thinking_tokens, (budget, r.output)
+        assert all(r.output[i] == nl for i in range(2, kept, 3))
+        assert len(r.output) == 12  # the answer follows
     r = eng.generate([prompt], SamplingParams(max_tokens=15, temperature=0, stop_token_ids=(tok.end_think_id,),
                                               thinking_budget=2))[0]
     assert r.output[-1] == tok.end_think_id and r.finish_reason == "stop" and len(r.output) <= 3

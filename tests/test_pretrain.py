@@ -1,7 +1,9 @@
 """Pretraining: a 2-rank gloo torchrun run equals a 1-process run of the same global batch; a failure in the middle of
-a checkpoint save leaves the previous checkpoint, from which --resume auto continues bit-identically; a run killed at
-a random moment and resumed equals one that never stopped; a NaN gradient skips the step with the weights untouched;
-the loader's state round-trips; gradient accumulation; the ledger; bad input -> one line, exit 1, nothing lost."""
+a checkpoint save leaves the previous checkpoint, from which --resume auto continues bit-identically; a run killed
+(SIGKILL) while its corpus is prepared, while its first checkpoint is written, or at a random moment, continues when
+the same command runs again and equals one that never stopped; a NaN gradient skips the step with the weights
+untouched; the loader's state round-trips; gradient accumulation; the ledger; TensorBoard; bad input -> one line,
+exit 1, nothing lost. Faults are injected from outside (tests/faults.py, monkeypatch)."""
 
 import json
 import os
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from nanoseek.cli import main
 from nanoseek.data.corpus import load_meta
 from nanoseek.data.loader import PackedLoader
+from nanoseek.train.run import Run
 
 SMALL = ["--seq-len", "64", "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2", "--warmup", "2",
          "--threads", "1"]
@@ -37,6 +40,15 @@ def metrics(run) -> list[dict]:
 def cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+FAULTS = str(Path(__file__).parent / "faults.py")
+
+
+def with_fault(fault: str, *args, timeout=300):
+    """The CLI in a subprocess with a fault injected (tests/faults.py)."""
+    return subprocess.run([sys.executable, FAULTS, fault, "--", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def pretrain(run, data, steps, *extra):
@@ -67,9 +79,10 @@ def test_data_dir_and_loader_state(data):
         assert torch.equal(torch.cat([r0.next()[0], r1.next()[0]]), one.next()[0])
 
 
-def torchrun(*args):
+def torchrun(*args, fault=None):
     exe = Path(sys.executable).parent / "torchrun"
-    return subprocess.run([str(exe), "--nproc_per_node", "2", "-m", "nanoseek", *args], capture_output=True,
+    target = [FAULTS, fault, "--"] if fault else ["-m", "nanoseek"]
+    return subprocess.run([str(exe), "--nproc_per_node", "2", *target, *args], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -94,7 +107,7 @@ def test_fsdp_failed_save_and_resume(data, tmp_path):
     common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL[:2], "--batch-size", "2", *SMALL[4:],
               "--parallel", "fsdp", "--save-every", "3"]
     assert torchrun(*common, "--out", str(tmp_path / "straight")).returncode == 0
-    assert torchrun(*common, "--out", str(tmp_path / "cut"), "--fail-save-at", "6").returncode != 0
+    assert torchrun(*common, "--out", str(tmp_path / "cut"), fault="fail-save:6").returncode != 0
     r = torchrun(*common, "--out", str(tmp_path / "cut"), "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "cut")]
@@ -103,9 +116,9 @@ def test_fsdp_failed_save_and_resume(data, tmp_path):
 def test_failed_save_then_resume_is_bit_identical(data, tmp_path):
     assert pretrain(tmp_path / "straight", data, 8, "--save-every", "4") == 0
     # die in the middle of the step-8 save (after the model file, before the optimizer file)
-    r = cli("pretrain", "--out", str(tmp_path / "broken"), "--data", str(data), "--max-steps", "8", *SMALL,
-            "--save-every", "4", "--fail-save-at", "8")
-    assert r.returncode != 0
+    r = with_fault("fail-save:8", "pretrain", "--out", str(tmp_path / "broken"), "--data", str(data), "--max-steps",
+                   "8", *SMALL, "--save-every", "4")
+    assert r.returncode != 0 and "injected failure" in r.stderr
     ckpts = sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir())
     assert ckpts == ["step_000004"]  # the incomplete step-8 save left nothing behind
     assert pretrain(tmp_path / "broken", data, 8, "--save-every", "4", "--resume", "auto") == 0
@@ -138,9 +151,35 @@ def test_killed_anywhere_then_resumed_equals_straight(data, tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(run)]
 
 
-def test_nan_gradient_skips_step(data, tmp_path):
+def test_killed_while_preparing_the_corpus_or_saving_then_rerun(tmp_path):
+    """SIGKILL while the embedded corpus is written (no --data: pretrain prepares OUT/data), then while the first
+    checkpoint is written: each time the same command continues, and the run equals one never interrupted."""
+    args = ["pretrain", "--docs", "300", "--max-steps", "4", "--save-every", "2", *SMALL, "--resume", "auto"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    run = tmp_path / "killed"
+    r = with_fault("kill-corpus", *args, "--out", str(run))
+    assert r.returncode == -signal.SIGKILL and not (run / "data").exists() and (run / "run.json").is_file()
+    r = with_fault("kill-save:2", *args, "--out", str(run))
+    assert r.returncode == -signal.SIGKILL and (run / "data" / "meta.json").is_file()
+    assert not list((run / "checkpoints").glob("step_*"))  # the half-written first checkpoint is not one
+    r = cli(*args, "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(run)]
+    wa = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    wb = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_gradient_skips_step(data, tmp_path, monkeypatch):
+    optimizer_step = Run.optimizer_step
+
+    def nan_at_step_3(self, *a, **k):  # a NaN gradient on one rank, injected from outside
+        if self.step == 2:
+            next(self.model.parameters()).grad.fill_(float("nan"))
+        return optimizer_step(self, *a, **k)
+    monkeypatch.setattr(Run, "optimizer_step", nan_at_step_3)
     run = tmp_path / "nan"
-    assert pretrain(run, data, 4, "--save-every", "1", "--keep", "10", "--inject-nan-at", "3") == 0
+    assert pretrain(run, data, 4, "--save-every", "1", "--keep", "10") == 0
     m = metrics(run)
     assert [x["skipped"] for x in m] == [False, False, True, False]
     assert m[-1]["skipped_steps"] == 1

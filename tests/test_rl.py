@@ -1,6 +1,7 @@
-"""SFT, GRPO, distillation, evaluation and the report on a tiny model: the SFT loss mask; GRPO resumed in the middle
-equals an uninterrupted run bit for bit (weights and metrics); reward functions that raise or are missing; malformed
-datasets; a teacher whose tokenizer differs from the student's; eval's numbers and files; the report."""
+"""SFT, GRPO, distillation, evaluation and the report on a tiny model: the SFT loss mask; GRPO and SFT interrupted in
+the middle (an exception, SIGKILL) and resumed equal uninterrupted runs bit for bit (weights and metrics); reward
+functions that raise or are missing; malformed datasets; a teacher whose tokenizer differs from the student's; eval's
+numbers and files, its thinking budget (the engine's), an eval killed mid-way and run again; the report."""
 
 import json
 import subprocess
@@ -13,6 +14,9 @@ from safetensors.torch import load_file
 
 from nanoseek.cli import main
 from nanoseek.data.chat import MaskedLoader, encode_row, pack, trace_row
+from nanoseek.train.run import Run
+
+FAULTS = str(Path(__file__).parent / "faults.py")
 
 RL = ["--problems", "10", "--prompts", "4", "--group", "3", "--max-new-tokens", "12", "--eval-problems", "4",
       "--threads", "1", "--micro-batch", "5"]
@@ -110,7 +114,7 @@ def test_training_logprobs_are_the_sampling_policy(sft_model):
     below (the engine's sampling distribution, top-p off)."""
     from types import SimpleNamespace
 
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.train.rl import token_logprobs
     model = from_pretrained(sft_model, dtype=torch.float32).eval()
@@ -139,15 +143,24 @@ def strip(rows):
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
-def test_grpo_resume_is_bit_identical(sft_model, tmp_path):
+def test_grpo_resume_is_bit_identical(sft_model, tmp_path, monkeypatch):
     """β > 0 (a reference), μ = 2 with 2 minibatches (π_old differs from π_θ): stopped after step 3 and resumed from
     the step-2 checkpoint, the run ends with the same weights and the same metrics as one that never stopped."""
     args = ["rl", "--init", str(sft_model), *RL, "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
             "--beta", "0.01", "--mu", "2", "--minibatches", "2", "--temperature", "1.0"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*args, "--out", str(a)]) == 0
-    with pytest.raises(SystemExit):
-        main([*args, "--out", str(b), "--stop-after", "3"])
+    optimizer_step = Run.optimizer_step
+
+    def stop_after_3(self, *a, **k):  # an interruption right after step 3's update, injected from outside
+        out = optimizer_step(self, *a, **k)
+        if self.step == 3:
+            raise SystemExit(3)
+        return out
+    with monkeypatch.context() as m:
+        m.setattr(Run, "optimizer_step", stop_after_3)
+        with pytest.raises(SystemExit):
+            main([*args, "--out", str(b)])
     assert main([*args, "--out", str(b), "--resume", "auto"]) == 0
     wa, wb = weights(a / "model"), weights(b / "model")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -223,18 +236,19 @@ def test_eval_and_report(sft_model, tmp_path):
     assert all(v["thinking_tokens"] <= 4 for v in res["tts"][1]["families"].values())
     for f, v in res["tts"][2]["families"].items():  # unlimited: the k samples' own accuracy
         assert v["accuracy"] == pytest.approx(res["families"][f]["pass@1"])
-    # a thought still open at the budget is cut back to its last whole line, then closed
-    from nanoseek.checkpoint import from_pretrained
-    from nanoseek.evaluate import sample_with_budget
-    from nanoseek.train.rl import problem_pool
+    # the budget is the engine's: a thought still open at the budget is cut back to its last whole line, then closed
+    from nanoseek import from_pretrained
+    from nanoseek.data.tasks import problem_pool
+    from nanoseek.evaluate import sample
     model = from_pretrained(sft_model, dtype=torch.float32).eval()
-    probs = problem_pool(["chain_sum"], 3, 0, 0)
-    got = sample_with_budget(model, model.tokenizer, probs, 2, dict(max_tokens=16, temperature=1.0, top_p=1.0), 6,
-                             0, 7, 8)
+    tok = model.tokenizer
+    got = sample(model, tok, problem_pool(["chain_sum"], 3, 0, 0), 2,
+                 dict(max_tokens=16, temperature=1.0, top_p=1.0, thinking_budget=6), 0, 7, 8)
     assert len(got) == 6
-    for text, n in got:
-        thought = text.split("</think>")[0]
-        assert n <= 6 and len(model.tokenizer.encode(thought)) == n and (not thought or thought.endswith("\n"))
+    for r in got:
+        thought = r.output[:r.output.index(tok.end_think_id)]
+        assert r.thinking_tokens == len(thought) <= 6
+        assert len(thought) < 6 or thought[-1] == tok.newline_id
     assert (out / "tts.png").stat().st_size > 1000 and "pass@1" in (out / "eval.md").read_text()
     # a run directory with the eval of two models (here the same one twice) and the SFT run -> report
     run = tmp_path
@@ -247,6 +261,36 @@ def test_eval_and_report(sft_model, tmp_path):
     assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "tts.png").is_file()
     r = cli("eval", "--checkpoint", str(sft_model), "--out", str(tmp_path / "e2"), "--budgets", "4,many")
     assert r.returncode == 1 and "'many' is not a number" in r.stderr
+
+
+def test_eval_killed_midway_then_rerun(sft_model, tmp_path):
+    """SIGKILL in the middle of an eval leaves no eval.json (the speedrun's mark of a finished eval); the same
+    command then writes the same results as an eval never interrupted."""
+    args = ["eval", "--checkpoint", str(sft_model), "--problems", "2", "-k", "2", "--max-new-tokens", "10",
+            "--budgets", "0,4,none", "--budget-samples", "1", "--threads", "1", "--families", "chain_sum"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    r = subprocess.run([sys.executable, FAULTS, "kill-engine:12", "--", *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9 and not (out / "eval.json").exists(), r.stderr[-2000:]
+    assert main([*args, "--out", str(out)]) == 0
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (tmp_path / "straight", out))
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_sft_killed_mid_training_then_rerun(base, tmp_path):
+    args = ["sft", "--init", str(base), "--examples", "40", "--max-steps", "4", "--save-every", "2", "--seq-len",
+            "128", "--batch-size", "2", "--threads", "1", "--families", "chain_sum", "--resume", "auto"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    r = subprocess.run([sys.executable, FAULTS, "kill-step:3", "--", *args, "--out", str(tmp_path / "k")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert main([*args, "--out", str(tmp_path / "k")]) == 0
+    ra, rb = ([json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "straight", tmp_path / "k"))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and len(rb) == 4
+    wa, wb = weights(tmp_path / "straight" / "model"), weights(tmp_path / "k" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_distill(sft_model, base, tmp_path, monkeypatch):

@@ -436,7 +436,7 @@ def main(args) -> None:
     import socket
 
     import uvicorn
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek import from_pretrained
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:  # fail before loading
         try:
             probe.bind((args.host, args.port))

@@ -22,7 +22,7 @@ from nanoseek.engine import SamplingParams, generate_all, sample_seed
 from nanoseek.errors import NanoseekError
 from nanoseek.model import build_model, from_pretrained
 from nanoseek.parallel import barrier, init_distributed
-from nanoseek.rl.rewards import accuracy_reward, extract_answer, format_reward
+from nanoseek.rl import rewards as R
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -57,11 +57,11 @@ def verified_rows(teacher, tok, problems, args) -> tuple[list[dict], int]:
     rows, kept = [], 0
     for i, pr in enumerate(problems):
         good = [r for r in reqs[i * k:(i + 1) * k]
-                if format_reward(r.text, pr) and accuracy_reward(r.text, pr) >= 1][:args.keep_per_prompt]
+                if R.format_reward(r.text, pr) and R.accuracy_reward(r.text, pr) >= 1][:args.keep_per_prompt]
         kept += bool(good)
         for r in good:
             thought = r.text.rsplit("</think>", 1)[0].strip()
-            rows.append(trace_row(pr["question"], thought.splitlines(), extract_answer(r.text), family=pr["family"]))
+            rows.append(trace_row(pr["question"], thought.splitlines(), R.extract_answer(r.text), family=pr["family"]))
     return rows, kept
 
 
