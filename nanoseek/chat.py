@@ -8,7 +8,9 @@ ends inside a multi-byte character.
 
 import sys
 
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
+from nanoseek.model import from_pretrained
 
 
 class Splitter:
@@ -84,8 +86,6 @@ def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> s
 
 
 def main(args) -> None:
-    from nanoseek import from_pretrained
-    from nanoseek.engine import Engine, SamplingParams
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:
         raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; chat needs one")

@@ -9,11 +9,15 @@ Training FLOPs per token = 6 × (active matmul parameters: everything active but
                            causal, so T/2 keys on average), for the main model and, in training, the MTP modules.
 """
 
+import time
+
+import torch
+
 from nanoseek.config import ModelArgs
+from nanoseek.model import build_model
 
 
 def count_params(args: ModelArgs) -> dict[str, int]:
-    from nanoseek.model.transformer import build_model
     model = build_model(args, device="meta")
     total = mtp = routed_inactive = mtp_routed_inactive = 0
     frac_inactive = 1 - (args.num_experts_per_tok or 0) / (args.n_routed_experts or 1)
@@ -108,7 +112,6 @@ def gpu_key(device_name: str) -> str | None:
 
 def synchronize(device) -> None:
     """Wait for a GPU's queued work, so that a wall-clock reading covers it (nothing to wait for on a CPU)."""
-    import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -116,9 +119,6 @@ def synchronize(device) -> None:
 def measure_matmul_peak(device="cpu", dtype=None, n: int = 4096, k: int = 1024, reps: int = 10) -> float:
     """The best dense GEMM rate of this device right now, FLOP/s ([n, k] @ [k, n], output preallocated, the best of
     `reps` after two warm-ups): the denominator of MFU on a CPU, and of '% of peak' in the benchmarks."""
-    import time
-
-    import torch
     dtype = dtype or torch.float32
     a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)

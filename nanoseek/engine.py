@@ -249,7 +249,7 @@ class Engine:
                 for t in (ids, slots, start):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
-                return compiled_forward()(self.model, self.cache.kv, self.cache.pe, ids, slots, start, True,
+                return compiled_forward()(self.model, ids, self.cache.kv, self.cache.pe, slots, start, True,
                                           self.max_len)[0][:, -1]
             except Exception as e:  # the compiler is optional: say why once, then decode eagerly
                 warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on ({e!r})")

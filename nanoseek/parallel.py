@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -42,11 +44,9 @@ def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp") -> torch.nn.Module:
     if not d.enabled or mode == "none":
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         # broadcast_buffers=False: the router's load counts are per rank until the trainer sums them
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
         for block in list(model.layers) + [m.block for m in model.mtp]:
             fully_shard(block)
         fully_shard(model)

@@ -13,6 +13,10 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
 from nanoseek.errors import NanoseekError
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -54,7 +58,6 @@ class Tokenizer:
     # ---- training ----
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> "Tokenizer":
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
         if vocab_size < 256 + len(SPECIAL) + 2:
             raise NanoseekError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
                                 f"{256 + len(SPECIAL) + 2}")
@@ -72,7 +75,6 @@ class Tokenizer:
     # ---- io ----
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
         f = Path(path) / "tokenizer.json"
         if not f.exists():
             raise NanoseekError(f"no tokenizer.json in {path}")
@@ -111,8 +113,6 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:  # the same Jinja setup transformers uses to render chat templates
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             self._template = env.from_string(CHAT_TEMPLATE)
         for m in messages:

@@ -266,3 +266,25 @@ def test_cost_cli_json(capsys):
     assert {"flops", "gpu_hours", "usd", "implied_mfu"} <= set(e)
     assert 0.3 < e["implied_mfu"] < 0.5  # 3.86e24 FLOPs over 2.664M H800-hours at 989 TFLOP/s: ~41%
     assert abs(e["gpu_hours"] * 0.35 - e["flops"] / 989e12 / 3600) < 1
+
+
+def test_tensorboard_and_wandb(data, tmp_path, monkeypatch, capsys):
+    """--tensorboard writes event files whose scalars are the metrics by name; --wandb logs an offline run; a missing
+    library is one line naming the extra to install, before anything is written."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "tracked"
+    assert pretrain(run, data, 3, "--tensorboard", "--wandb") == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    losses = [e.value for e in ea.Scalars("loss")]
+    assert losses == pytest.approx([m["loss"] for m in metrics(run)], rel=1e-6) and len(losses) == 3
+    assert "eval/val_loss" in ea.Tags()["scalars"]
+    assert list((run / "wandb").glob("offline-run-*"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    capsys.readouterr()
+    assert pretrain(tmp_path / "nowandb", data, 3, "--wandb") == 1
+    err = capsys.readouterr().err
+    assert "pip install 'nanoseek[wandb]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nowandb").exists()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nanoseek.data.loader import WindowOrder
+from nanoseek.data.tasks import DEFAULT_TRAIN, generate
 from nanoseek.errors import NanoseekError
 
 # seed offsets of the problem sets (pretraining uses seed*1000 + i for train, +500 val, +900 held-out)
@@ -33,7 +34,6 @@ def cold_start_rows(n: int, seed: int = 0, families=None, partial: float = 0.0) 
     included), followed by the right answer all the same: the model learns to answer from however far it has
     thought (a thinking budget cuts a thought back to its last whole step, `evaluate.sample_with_budget`), and
     reinforcement learning has a choice to make between thinking to the end and answering early."""
-    from nanoseek.data.tasks import DEFAULT_TRAIN, generate
     families = tuple(families or DEFAULT_TRAIN)
     per = -(-n // len(families))
     cut = np.random.default_rng([seed, 1])  # its own stream: partial=0 keeps the rows of before

@@ -61,7 +61,7 @@ def read_user_documents(files, text_field: str = "text") -> list[str]:
         if not p.is_file():
             raise NanoseekError(f"data file {p} does not exist")
         if p.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # heavy, and only for parquet input
             try:
                 table = pq.read_table(p, columns=[text_field])
             except Exception as e:

@@ -15,12 +15,18 @@ is probed once before a run starts, so a broken one stops the run with one line 
 """
 
 import importlib
+import logging
 import math
 import numbers
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import reasoning_gym
+from math_verify import parse, verify
+
+from nanoseek.data.tasks import FAMILIES
 from nanoseek.errors import NanoseekError
 
 _FORMAT = re.compile(r"^(?!.*<think>)(?!.*</think>.*</think>).*\S.*\n</think>\n\n\S.*$", re.S)
@@ -38,9 +44,6 @@ def format_reward(completion: str, problem: dict) -> float:
 
 
 def math_reward(completion: str, problem: dict) -> float:
-    import logging
-    import threading
-    from math_verify import parse, verify
     answer = extract_answer(completion)
     if not answer:
         return 0.0
@@ -60,10 +63,8 @@ def accuracy_reward(completion: str, problem: dict) -> float:
     if answer is None:
         return 0.0
     if problem.get("entry") is not None and problem.get("family"):
-        from nanoseek.data.tasks import FAMILIES
         name = FAMILIES[problem["family"]].name if problem["family"] in FAMILIES else problem["family"]
         if name not in _SCORERS:
-            import reasoning_gym
             _SCORERS[name] = reasoning_gym.get_score_answer_fn(name)
         return float(_SCORERS[name](answer, problem["entry"]))
     return math_reward(completion, problem)

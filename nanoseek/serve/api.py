@@ -14,6 +14,8 @@ logged). Every field is validated with bounds -> 400 with an OpenAI-style error 
 import asyncio
 import hmac
 import json
+import logging
+import socket
 import threading
 import time
 import uuid
@@ -24,10 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import uvicorn
 
 from nanoseek.chat import Splitter
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
+from nanoseek.model import from_pretrained
+from nanoseek.serve.web import PAGE
 
 EFFORT_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}  # reasoning_effort -> thinking tokens
 
@@ -159,7 +164,6 @@ class Runner:
                 try:
                     touched = self.engine.step()
                 except Exception as e:  # never leave clients hanging: end every request, keep serving
-                    import logging
                     logging.getLogger("nanoseek.serve").exception("engine step failed: %s", e)
                     self.stats["errors"] += 1
                     touched = self.engine.waiting + self.engine.running
@@ -297,7 +301,6 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
     @app.get("/")
     async def page():
-        from nanoseek.serve.web import PAGE
         return HTMLResponse(PAGE.replace("__MODEL__", model_name))
 
     def check_model(name):
@@ -360,7 +363,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                     if r.params.stop:
                         content = _cut(content, r.params.stop)
                     msg = {"role": "assistant", "content": content}
-                    if reasoning or r.thinking_tokens:
+                    if reasoning or splits[i].starts_thinking:  # a thought was opened (one a budget cut may be empty)
                         msg["reasoning_content"] = reasoning
                     choices.append({"index": i, "message": msg, "finish_reason": finish(r),
                                     "logprobs": logprobs_of(r)})
@@ -433,10 +436,6 @@ def _cut(text: str, stops) -> str:
 
 
 def main(args) -> None:
-    import socket
-
-    import uvicorn
-    from nanoseek import from_pretrained
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:  # fail before loading
         try:
             probe.bind((args.host, args.port))

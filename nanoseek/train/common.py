@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.distributed.tensor import distribute_tensor
 from safetensors.torch import save_file
+from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
 from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files

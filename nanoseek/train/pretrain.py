@@ -233,16 +233,20 @@ def main(args) -> dict:
             run.checkpoint({"loader": train.state_dict(), "tokens": tokens}, tok)
     result = run.finish(tok)
     if run.main:
-        if last_eval:
-            print("held-out loss " + ", ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in last_eval.items()
-                                               if k != "step")
-                  + f" vs the unigram baseline {meta.get('unigram_entropy', float('nan')):.3f} nats/token")
-        print(f"model: {run.out / 'model'}  (from_pretrained('{run.out / 'model'}'))")
-        print(f"cost: {result['tokens']:,} tokens, {result['training_flops']:.3g} FLOPs, "
-              f"{result['wall_seconds'] / 60:.1f} min on {d.world} x {dev_name}, MFU {100 * (result['mfu'] or 0):.1f}%, "
-              f"{result['device_hours']:.3f} device-hours = ${result['usd']:.2f} at ${args.usd_per_hour}/h  "
-              f"(ledger: {run.out / 'ledger.json'})")
+        summary(run, result, last_eval, meta)
     return result
+
+
+def summary(run: Run, result: dict, last_eval: dict, meta: dict) -> None:
+    if last_eval:
+        print("held-out loss " + ", ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in last_eval.items()
+                                           if k != "step")
+              + f" vs the unigram baseline {meta.get('unigram_entropy', float('nan')):.3f} nats/token")
+    print(f"model: {run.out / 'model'}  (from_pretrained('{run.out / 'model'}'))")
+    print(f"cost: {result['tokens']:,} tokens, {result['training_flops']:.3g} FLOPs, "
+          f"{result['wall_seconds'] / 60:.1f} min on {run.d.world} x {result['device']}, MFU "
+          f"{100 * (result['mfu'] or 0):.1f}%, {result['device_hours']:.3f} device-hours = ${result['usd']:.2f} at "
+          f"${run.args.usd_per_hour}/h  (ledger: {run.out / 'ledger.json'})")
 
 
 def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) -> dict:

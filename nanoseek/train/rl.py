@@ -236,11 +236,10 @@ def main(args) -> dict:
     check_args(args)
     rewards = R.build(args.reward or ["accuracy", "format=0.1"])
     run = Run(args, "rl")
-    d = run.d
-    if args.prompts % d.world:
-        raise NanoseekError(f"--prompts {args.prompts} must be a multiple of the number of ranks ({d.world})")
+    if args.prompts % run.d.world:
+        raise NanoseekError(f"--prompts {args.prompts} must be a multiple of the number of ranks ({run.d.world})")
     init = Path(args.init)
-    model, tok = load_init(init, d.device)
+    model, tok = load_init(init, run.d.device)
     pool = problem_pool(args.families, args.problems, args.seed, SEED_RL)
     eval_pool = problem_pool(args.families, max(1, -(-args.eval_problems // len(args.families))), args.seed,
                              SEED_RL + 50)[:args.eval_problems]
@@ -263,81 +262,25 @@ def main(args) -> dict:
     nonzero = state.get("nonzero", {rw.name: 0 for rw in rewards})
     totals = state.get("totals", {"rollout_tokens": 0, "rollout_seconds": 0.0, "train_tokens": 0})
     run.cost = lambda wall: ledger_fields(args, totals)
-
-    def evaluate() -> None:
-        acc, rows = eval_accuracy(model, tok, eval_pool, rewards, args.max_new_tokens, args.seed)
-        by_family = {}
-        for r in rows:
-            by_family.setdefault(r["family"], []).append(r["accuracy"] >= 1)
-        run.log({"accuracy": acc, "problems": len(rows),
-                 "by_family": {f: sum(v) / len(v) for f, v in by_family.items()}}, log="eval")
-        atomic_write(run.out / "samples" / f"step_{run.step:06d}.md", sample_table(run.step, acc, rows))
-        run.write(f"step {run.step}: held-out accuracy {acc:.3f} ({len(rows)} problems, T 0.6)  "
-                  + "  ".join(f"{f} {sum(v) / len(v):.2f}" for f, v in by_family.items()))
-
     if run.main:
         print(f"grpo: {len(pool):,} problems ({', '.join(args.families)}), {args.prompts} x G={args.group} "
               f"completions per step, loss {args.loss}, β {args.beta}, rewards "
               + ", ".join(f"{rw.name}×{rw.weight:g}" for rw in rewards), flush=True)
         if run.step == 0:
-            evaluate()
-    gen_params = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    share = args.prompts // d.world
+            evaluate(run, tok, eval_pool, rewards)
     while run.step < args.max_steps:
-        t0 = time.time()
-        lr = args.lr * lr_factor(run.step, args.max_steps, args.warmup, "constant", 1.0, 0.0)
-        run.set_lr(lr)
-        # ---- rollouts: this rank's share of the step's problems; every sample seeded by (seed, step, index) ----
-        mine = order.next(args.prompts)[d.rank * share:(d.rank + 1) * share]
-        prompts = [tok.prompt_ids(pr) for pr in mine]
-        first = d.rank * share * args.group
-        seeds = [sample_seed(args.seed, run.step, first + i) for i in range(share * args.group)]
-        reqs = rollout(model, tok, prompts, args.group, gen_params, seeds)
-        t_roll = time.time() - t0
-        t1 = time.time()
-        errors_before = {rw.name: rw.errors for rw in rewards}
-        per_reward, total, adv = score(rewards, reqs, mine, args.group, args.loss)
-        t_reward = time.time() - t1
-        t2 = time.time()
-        ids, mask = batch_tensors([p for p in prompts for _ in range(args.group)], reqs, tok.eos_id, d.device)
-        upd = policy_update(run, policy, ref, ids, mask, adv.to(d.device))
-        t_train = time.time() - t2
-        # ---- metrics, by name, summed over ranks ----
-        groups = total.view(-1, args.group)
-        acc_j = next((j for j, rw in enumerate(rewards) if rw.name == "accuracy"), None)
-        s = run.all_sum({"n": len(reqs), "reward": total.sum(), "length": sum(len(r.output) for r in reqs),
-                         "truncated": sum(r.finish_reason == "length" for r in reqs),
-                         "zero_std": (groups.std(1) == 0).sum(), "groups": len(groups),
-                         "correct": (per_reward[acc_j] >= 1).sum() if acc_j is not None else 0,
-                         **{f"reward/{rw.name}": per_reward[j].sum() for j, rw in enumerate(rewards)},
-                         **{f"errors/{rw.name}": rw.errors - errors_before[rw.name] for rw in rewards},
-                         **{f"train/{k}": v for k, v in upd.items()}})
-        for j, rw in enumerate(rewards):
-            nonzero[rw.name] += int(per_reward[j].ne(0).sum())
-        n, tokens = s["n"], s["train/tokens"]
-        totals["rollout_tokens"] += int(s["length"])
-        totals["rollout_seconds"] += t_roll
-        totals["train_tokens"] += int(tokens) * args.mu
-        dt = time.time() - t0
-        row = {"reward": s["reward"] / n, **{f"reward/{rw.name}": s[f"reward/{rw.name}"] / n for rw in rewards},
-               "accuracy": s["correct"] / n if acc_j is not None else None,
-               "response_length": s["length"] / n, "truncated": s["truncated"] / n,
-               "zero_std_groups": s["zero_std"] / s["groups"], "loss": s["train/loss"] / s["train/updates"],
-               "kl": s["train/kl"] / tokens if ref is not None else None, "clip_fraction": s["train/clipped"] / tokens,
-               "entropy": s["train/entropy"] / tokens, "grad_norm": s["train/grad_norm"] / s["train/updates"],
-               "lr": lr, "reward_errors": {rw.name: int(s[f"errors/{rw.name}"]) for rw in rewards},
-               "rollout_seconds": t_roll, "reward_seconds": t_reward, "train_seconds": t_train,
-               "step_seconds": dt, "rollout_share": t_roll / dt,
-               "rollout_tokens_per_s": s["length"] / max(t_roll, 1e-9) / d.world}
+        row = grpo_step(run, policy, ref, tok, rewards, order, totals)
+        for rw in rewards:
+            nonzero[rw.name] += row.pop(f"nonzero/{rw.name}")
         run.log(row, show={"reward": f"{row['reward']:.3f}",
                            **({"acc": f"{row['accuracy']:.3f}"} if row["accuracy"] is not None else {}),
                            "len": f"{row['response_length']:.0f}",
                            **({"kl": f"{row['kl']:.4f}"} if row["kl"] is not None else {}),
                            "clip": f"{row['clip_fraction']:.3f}", "ent": f"{row['entropy']:.2f}",
                            "rollout": f"{100 * row['rollout_share']:.0f}%"})
-        warn_rewards(run, rewards, row["reward_errors"], nonzero, int(n))
+        warn_rewards(run, rewards, row["reward_errors"], nonzero, args.prompts * args.group)
         if run.main and run.due(args.eval_every):
-            evaluate()
+            evaluate(run, tok, eval_pool, rewards)
         if run.due(args.save_every):
             run.checkpoint({"order": dict(order.state), "nonzero": nonzero, "totals": totals,
                             "reward_errors": {rw.name: rw.errors for rw in rewards}}, tok)
@@ -347,6 +290,66 @@ def main(args) -> dict:
               f"{100 * totals['rollout_seconds'] / max(result['wall_seconds'], 1e-9):.0f}% of the time)"
               + (f"; reward failures: {errs}" if errs else ""))
     return result
+
+
+def grpo_step(run: Run, policy, ref, tok, rewards, order: ProblemOrder, totals: dict) -> dict:
+    """One GRPO step: this rank's share of the step's problems rolled out (every sample seeded by its run seed, step
+    and global index), scored, turned into group advantages, and the policy updated -> the step's metrics, by name,
+    over all ranks (with each reward's count of nonzero scores on this rank, `nonzero/NAME`)."""
+    args, d, t0 = run.args, run.d, time.time()
+    lr = args.lr * lr_factor(run.step, args.max_steps, args.warmup, "constant", 1.0, 0.0)
+    run.set_lr(lr)
+    share = args.prompts // d.world
+    mine = order.next(args.prompts)[d.rank * share:(d.rank + 1) * share]
+    prompts = [tok.prompt_ids(pr) for pr in mine]
+    first = d.rank * share * args.group
+    seeds = [sample_seed(args.seed, run.step, first + i) for i in range(share * args.group)]
+    reqs = rollout(run.model, tok, prompts, args.group,
+                   dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p), seeds)
+    t_roll, t1 = time.time() - t0, time.time()
+    errors_before = {rw.name: rw.errors for rw in rewards}
+    per_reward, total, adv = score(rewards, reqs, mine, args.group, args.loss)
+    t_reward, t2 = time.time() - t1, time.time()
+    ids, mask = batch_tensors([p for p in prompts for _ in range(args.group)], reqs, tok.eos_id, d.device)
+    upd = policy_update(run, policy, ref, ids, mask, adv.to(d.device))
+    t_train = time.time() - t2
+    groups = total.view(-1, args.group)
+    acc_j = next((j for j, rw in enumerate(rewards) if rw.name == "accuracy"), None)
+    s = run.all_sum({"n": len(reqs), "reward": total.sum(), "length": sum(len(r.output) for r in reqs),
+                     "truncated": sum(r.finish_reason == "length" for r in reqs),
+                     "zero_std": (groups.std(1) == 0).sum(), "groups": len(groups),
+                     "correct": (per_reward[acc_j] >= 1).sum() if acc_j is not None else 0,
+                     **{f"reward/{rw.name}": per_reward[j].sum() for j, rw in enumerate(rewards)},
+                     **{f"errors/{rw.name}": rw.errors - errors_before[rw.name] for rw in rewards},
+                     **{f"train/{k}": v for k, v in upd.items()}})
+    n, tokens = s["n"], s["train/tokens"]
+    totals["rollout_tokens"] += int(s["length"])
+    totals["rollout_seconds"] += t_roll
+    totals["train_tokens"] += int(tokens) * args.mu
+    dt = time.time() - t0
+    return {"reward": s["reward"] / n, **{f"reward/{rw.name}": s[f"reward/{rw.name}"] / n for rw in rewards},
+            "accuracy": s["correct"] / n if acc_j is not None else None,
+            "response_length": s["length"] / n, "truncated": s["truncated"] / n,
+            "zero_std_groups": s["zero_std"] / s["groups"], "loss": s["train/loss"] / s["train/updates"],
+            "kl": s["train/kl"] / tokens if ref is not None else None, "clip_fraction": s["train/clipped"] / tokens,
+            "entropy": s["train/entropy"] / tokens, "grad_norm": s["train/grad_norm"] / s["train/updates"],
+            "lr": lr, "reward_errors": {rw.name: int(s[f"errors/{rw.name}"]) for rw in rewards},
+            "rollout_seconds": t_roll, "reward_seconds": t_reward, "train_seconds": t_train, "step_seconds": dt,
+            "rollout_share": t_roll / dt, "rollout_tokens_per_s": s["length"] / max(t_roll, 1e-9) / d.world,
+            **{f"nonzero/{rw.name}": int(per_reward[j].ne(0).sum()) for j, rw in enumerate(rewards)}}
+
+
+def evaluate(run: Run, tok, problems, rewards) -> None:
+    """Held-out accuracy (T 0.6) to eval.jsonl, and a table of samples to samples/step_N.md."""
+    acc, rows = eval_accuracy(run.model, tok, problems, rewards, run.args.max_new_tokens, run.args.seed)
+    by_family = {}
+    for r in rows:
+        by_family.setdefault(r["family"], []).append(r["accuracy"] >= 1)
+    run.log({"accuracy": acc, "problems": len(rows), "by_family": {f: sum(v) / len(v) for f, v in by_family.items()}},
+            log="eval")
+    atomic_write(run.out / "samples" / f"step_{run.step:06d}.md", sample_table(run.step, acc, rows))
+    run.write(f"step {run.step}: held-out accuracy {acc:.3f} ({len(rows)} problems, T 0.6)  "
+              + "  ".join(f"{f} {sum(v) / len(v):.2f}" for f, v in by_family.items()))
 
 
 def warn_rewards(run: Run, rewards, errors: dict, nonzero: dict, n: int) -> None:

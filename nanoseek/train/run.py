@@ -89,29 +89,38 @@ def load_init(path, device) -> tuple:
 
 class Trackers:
     """Where users watch metrics besides metrics.jsonl: TensorBoard event files and Weights & Biases (offline by
-    default). Both are optional extras; a missing one is one clear line."""
+    default). Both are optional extras: `require` checks them before anything is written, one clear line if missing."""
 
-    def __init__(self, args, out: Path, stage: str, step: int, enabled: bool):
-        self.tb = self.wandb = None
-        if not enabled:
-            return
+    @staticmethod
+    def require(args) -> dict:
+        libs = {}
         if getattr(args, "tensorboard", False):
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard package
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
             except ImportError:
                 raise NanoseekError("--tensorboard needs the tensorboard package: pip install 'nanoseek[tensorboard]'") \
                     from None
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)  # a resumed run drops the rest
+            libs["tensorboard"] = SummaryWriter
         if getattr(args, "wandb", False):
             try:
-                import wandb  # optional: heavy, and only for those who ask
+                import wandb  # optional, and heavy: only for those who ask
             except ImportError:
                 raise NanoseekError("--wandb needs the wandb package: pip install 'nanoseek[wandb]'") from None
-            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]  # the same run when resumed
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanoseek"), name=f"{out.name}-{stage}",
-                                    id=run_id, resume="allow", dir=str(out),
-                                    mode=os.environ.get("WANDB_MODE", "offline"),
-                                    config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+            libs["wandb"] = wandb
+        return libs
+
+    def __init__(self, libs: dict, args, out: Path, stage: str, step: int, enabled: bool):
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if "tensorboard" in libs:  # purge_step: a resumed run drops what was logged past its checkpoint
+            self.tb = libs["tensorboard"](str(out / "tensorboard"), purge_step=step or None)
+        if "wandb" in libs:
+            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]  # the same W&B run when resumed
+            self.wandb = libs["wandb"].init(
+                project=os.environ.get("WANDB_PROJECT", "nanoseek"), name=f"{out.name}-{stage}", id=run_id,
+                resume="allow", dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"),
+                config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
 
     def log(self, row: dict, step: int, prefix: str = "") -> None:
         scalars = {prefix + k: float(v) for k, v in row.items()
@@ -140,6 +149,7 @@ class Run:
         self.resuming, self._opt_state = False, None
         self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
         self.autocast = autocast_for(self.d.device)
+        self.tracker_libs = Trackers.require(args)  # before anything is written
 
     @property
     def main(self) -> bool:
@@ -188,7 +198,7 @@ class Run:
         resumed = self.step if self.resuming else None
         self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=resumed, enabled=self.main)
                      for name in logs}
-        self.trackers = Trackers(self.args, self.out, self.stage, self.step, self.main)
+        self.trackers = Trackers(self.tracker_libs, self.args, self.out, self.stage, self.step, self.main)
         self.progress = Progress(max_steps, self.step, self.main, self.args.log_every, desc=self.stage)
         self.t_start = time.time()
         return wrapped
