@@ -180,9 +180,10 @@ def build(run) -> str:
         L += ["", "![accuracy](plots/accuracy.png)", ""]
         if any(r["tts"] for r in evals.values()):
             L += ["## Test-time scaling: accuracy against the thinking budget", "",
-                  "The thought is sampled up to `budget` tokens; one still open there is cut back to its last "
-                  "whole line (thinking tokens: those kept), closed, and the model answers. Unlimited: the k "
-                  "samples above.", "",
+                  "The engine's `thinking_budget`, as `nanoseek chat` and `serve` apply it: the thought is "
+                  "sampled up to `budget` tokens; one still open there is cut back to its last whole line "
+                  "(thinking tokens: those kept), closed, and the model answers. Unlimited: the k samples above.",
+                  "",
                   "| budget | " + " | ".join(f"{l}: trained | {l}: held out | {l}: thinking tokens"
                                              for l in evals) + " |",
                   "|---|" + "---|---|---|" * len(evals)]

@@ -17,6 +17,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
@@ -89,7 +90,6 @@ class Tokenizer:
 
     def save(self, path) -> None:
         path = Path(path)
-        self.tok.save(str(path / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None,
@@ -97,7 +97,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False, "model_max_length": 131072,
             "chat_template": CHAT_TEMPLATE,
         }
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(path / "tokenizer.json", self.tok.to_str(pretty=True))  # last: what from_dir looks for
 
     # ---- use ----
     @property
