@@ -181,8 +181,11 @@ def cmd_rl(args):
 
 def cmd_distill(args):
     from nanoseek.train import distill, sft
+    from nanoseek.train.run import Trackers
 
     def run(args):  # rejection sampling, then the SFT loop on the verified rows
+        sft.check_args(args)  # the student's flags, before the teacher samples anything
+        Trackers.require(args)
         return sft.main(args, rows=distill.rejection_sample(args), run_dir=Path(args.out) / "sft")
     _distributed(run)(args)
 

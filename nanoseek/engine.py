@@ -263,7 +263,7 @@ class Engine:
         logits = self.model.mtp_forward_cached(h[None], next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe,
                                                torch.tensor([slot], device=self.device),
                                                torch.tensor([start], device=self.device), self.absorb)
-        return logits[0, -1]
+        return logits[0]
 
     def _verify(self, r: Request) -> None:
         """One speculative step: run [x_L, draft] in one forward; keep the draft if the model agrees (two tokens

@@ -132,7 +132,7 @@ def evaluate(model, tok, problems, k: int, temperature: float, top_p: float, max
             rs, n = reqs, k
         else:  # the engine's thinking budget, as chat and serve apply it
             rs, n = sample(model, tok, problems, budget_samples, dict(params, thinking_budget=b), seed,
-                           20_000 + 2 * b, max_batch), budget_samples
+                           20_000 + 2 * b, max_batch), budget_samples  # (the tag kept from the two-pass cut)
         rows = []
         for i, pr in enumerate(problems):
             chunk = rs[i * n:(i + 1) * n]

@@ -45,7 +45,7 @@ def after_step(step: int) -> None:
 
     def patched(self, *a, **k):
         out = optimizer_step(self, *a, **k)
-        if self.step == step:
+        if self.step == step and k.get("count", True):  # the loop's step N, not an earlier update within it
             die()
         return out
     run.Run.optimizer_step = patched

@@ -178,7 +178,6 @@ def test_thinking_budget_and_stops(model, tok):
             assert len(thought) < budget or not thought or thought[-1] == nl
 
 
-
 def test_budget_cuts_back_to_the_last_whole_line(model, tok, monkeypatch):
     """With decode steered to write lines of three tokens and never close the thought itself, a budget of 7 keeps
     the two whole lines (6 tokens), drops the unfinished third, closes the thought and answers."""

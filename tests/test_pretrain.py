@@ -288,3 +288,11 @@ def test_tensorboard_and_wandb(data, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "pip install 'nanoseek[wandb]'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "nowandb").exists()
+
+
+def test_bad_data_leaves_the_run_directory_untouched(data, tmp_path):
+    """A wrong --data is one line before run.json is written, so the same --out works once the path is fixed."""
+    run = tmp_path / "r"
+    assert pretrain(run, tmp_path / "no-such-data", 2) == 1
+    assert not run.exists()
+    assert pretrain(run, data, 2) == 0

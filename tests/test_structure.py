@@ -14,8 +14,6 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-
-
 MODULES = {module_name(p) for p in ROOT.rglob("*.py")}
 
 

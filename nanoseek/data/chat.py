@@ -32,7 +32,7 @@ def cold_start_rows(n: int, seed: int = 0, families=None, partial: float = 0.0) 
 
     `partial` is the share of rows whose thought stops early, after a uniformly drawn number of its steps (none
     included), followed by the right answer all the same: the model learns to answer from however far it has
-    thought (a thinking budget cuts a thought back to its last whole step, `evaluate.sample_with_budget`), and
+    thought (the engine's thinking budget cuts a thought back to its last whole step, `Engine._cut_thought`), and
     reinforcement learning has a choice to make between thinking to the end and answering early."""
     families = tuple(families or DEFAULT_TRAIN)
     per = -(-n // len(families))

@@ -90,13 +90,14 @@ class Transformer(nn.Module):
 
     def mtp_forward_cached(self, h, next_ids, cache_kv, cache_pe, slots, start, absorb: bool = True):
         """MTP depth 1 over its own latent cache: h [n, T, D] (the main model's final hidden states at positions
-        start..) and next_ids [n, T] (the tokens after them) -> logits [n, T, V] for the token after each of next_ids."""
+        start..) and next_ids [n, T] (the tokens after them) -> logits [n, V] for the token after the last of
+        next_ids (the draft; the cache is written for all T)."""
         pos = start[:, None] + torch.arange(next_ids.shape[1], device=next_ids.device)
         cos, sin = self.rotary(pos)
         module = self.mtp[0]
         x = module.forward_cached(h, self.embed_tokens(next_ids), cos, sin, cache_kv[0], cache_pe[0], slots, start,
                                   absorb)
-        return self.lm_head(module.shared_head.norm(x))
+        return self.lm_head(module.shared_head.norm(x[:, -1]))
 
     def mtp_forward(self, h, input_ids, cos, sin) -> list[torch.Tensor]:
         """Logits of each MTP depth k: position t predicts x_{t+k+1} from h^{k-1}_t and Emb(x_{t+k}); [B, T-k, V]."""

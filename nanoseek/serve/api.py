@@ -384,6 +384,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                                                  "finish_reason": None}]})
                 queues = {i: h for i, h in enumerate(handles)}
                 sent_text = {i: "" for i in queues}
+                got = {i: [] for i in queues}
                 pending = {i: asyncio.ensure_future(h.queue.get()) for i, h in queues.items()}
                 while pending:
                     done, _ = await asyncio.wait(pending.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
@@ -397,8 +398,10 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                                 key = "reasoning_content" if kind == "reasoning" else "content"
                                 yield _sse({"id": cid, "object": obj, "created": created, "model": model_name,
                                             "choices": [{"index": i, "delta": {key: delta}, "finish_reason": None}]})
-                        else:
-                            text = r.text if fin and r.params.stop else engine.text(r)
+                        else:  # from the ids streamed so far: a budgeted thought's line may still be cut back
+                            got[i] += new
+                            ids = got[i][:-1] if fin and got[i] and got[i][-1] == engine.eos else got[i]
+                            text = r.text if fin and r.params.stop else tok.decode(ids)
                             if fin or not text.endswith("\ufffd"):
                                 delta, sent_text[i] = text[len(sent_text[i]):], text
                                 if delta:

@@ -117,8 +117,6 @@ def samples(model, tok, problems: list[dict], n_tokens: int = 64) -> list[dict]:
     return rows
 
 
-
-
 def load_data(run: Run, args, margs: ModelArgs):
     """The data directory (the embedded corpus is prepared into OUT/data once, by the main rank) -> tokenizer, meta,
     the training loader, the held-out loaders and a few held-out problems to sample."""
@@ -175,11 +173,14 @@ def main(args) -> dict:
     accum = batch_tokens // micro_tokens
     if args.seq_len > margs.max_position_embeddings:
         raise NanoseekError(f"--seq-len {args.seq_len} exceeds the model's context of {margs.max_position_embeddings}")
-    run.open({"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
-              "seq_len": args.seq_len, "batch_tokens": batch_tokens, "data": args.data or "embedded",
-              "families": None if args.data else args.families,
-              "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule})
-    tok, meta, train, evals, problems = load_data(run, args, margs)
+    identity = {"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
+                "seq_len": args.seq_len, "batch_tokens": batch_tokens, "data": args.data or "embedded",
+                "families": None if args.data else args.families,
+                "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
+    # the user's data is checked before the run directory is touched; the embedded corpus is made inside it
+    data = load_data(run, args, margs) if args.data else None
+    run.open(identity)
+    tok, meta, train, evals, problems = data or load_data(run, args, margs)
 
     torch.manual_seed(args.seed)
     model = build_model(margs, device=d.device)

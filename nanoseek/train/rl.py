@@ -140,8 +140,6 @@ def sample_table(step: int, acc: float, rows: list[dict], n: int = 12) -> str:
     return "\n".join(out) + "\n"
 
 
-
-
 def reference_model(run: Run, model, tok):
     """The frozen reference of the KL term: the starting weights, written once to OUT/reference so a resumed run
     compares against the same model (None when β = 0)."""

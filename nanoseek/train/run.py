@@ -1,7 +1,7 @@
 """The skeleton every trainer shares (after torchtitan's `Trainer` and nanochat's shared helpers), so that each trainer
 file (pretrain, sft, rl; distill goes through sft) reads as its own loop and nothing else:
 
-    run = Run(args, "sft")                 threads, process group, device
+    run = Run(args, "sft")                 threads, process group, device, optional trackers checked
     run.open(identity)                     run directory: new (run.json written first, atomically), resumed, or refused
     state = run.resume(model)              newest complete checkpoint -> weights, RNG, step, loop state ({} if none)
     policy = run.start(model, ...)         wrap (DDP / FSDP2), AdamW (+ its resumed state), metrics, progress, trackers
@@ -9,11 +9,11 @@ file (pretrain, sft, rl; distill goes through sft) reads as its own loop and not
         ... the trainer's own forward / backward ...
         out = run.optimizer_step(losses)   clip, the non-finite vote over ranks, skip or step, router-bias update
         run.log(row)                       metrics.jsonl (+ TensorBoard, W&B), by name; the progress bar
-        if run.due(save_every): run.checkpoint(loop_state)
+        if run.due(save_every): run.checkpoint(loop_state, tok)
     run.finish(tok)                        ledger.json, OUT/model
 
-A run killed at any moment continues when the same command is run again: run.json, checkpoints, the ledger and the
-final model are written atomically, and metrics past the resumed step are dropped.
+A run killed at any moment continues when the same command (with `--resume auto`) is run again: run.json,
+checkpoints, the ledger and the final model are written atomically, and metrics past the resumed step are dropped.
 """
 
 import hashlib
@@ -109,12 +109,12 @@ class Trackers:
             libs["wandb"] = wandb
         return libs
 
-    def __init__(self, libs: dict, args, out: Path, stage: str, step: int, enabled: bool):
+    def __init__(self, libs: dict, args, out: Path, stage: str, purge_step: int | None, enabled: bool):
         self.tb = self.wandb = None
         if not enabled:
             return
         if "tensorboard" in libs:  # purge_step: a resumed run drops what was logged past its checkpoint
-            self.tb = libs["tensorboard"](str(out / "tensorboard"), purge_step=step or None)
+            self.tb = libs["tensorboard"](str(out / "tensorboard"), purge_step=purge_step)
         if "wandb" in libs:
             run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]  # the same W&B run when resumed
             self.wandb = libs["wandb"].init(
@@ -146,7 +146,7 @@ class Run:
         self.d = init_distributed(args.device)
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
-        self.resuming, self._opt_state = False, None
+        self.resuming, self.resumed, self._opt_state = False, False, None
         self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
         self.autocast = autocast_for(self.d.device)
         self.tracker_libs = Trackers.require(args)  # before anything is written
@@ -180,6 +180,7 @@ class Run:
         if ck is None:
             self.print(f"no complete checkpoint in {self.out}: starting from scratch")
             return {}
+        self.resumed = True
         self.skipped, self.wall_before = state.get("skipped_steps", 0), state.get("wall_seconds", 0.0)
         self.print(f"resumed from {ck} (step {self.step})")
         return state
@@ -195,10 +196,11 @@ class Run:
                                      fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps the parameters
         if self._opt_state is not None:
             load_optimizer_tensors(self.opt, *self._opt_state)
-        resumed = self.step if self.resuming else None
-        self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=resumed, enabled=self.main)
-                     for name in logs}
-        self.trackers = Trackers(self.tracker_libs, self.args, self.out, self.stage, self.step, self.main)
+        # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
+        self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=self.step if self.resumed else None,
+                                                 enabled=self.main) for name in logs}
+        self.trackers = Trackers(self.tracker_libs, self.args, self.out, self.stage,
+                                 self.step if self.resuming else None, self.main)
         self.progress = Progress(max_steps, self.step, self.main, self.args.log_every, desc=self.stage)
         self.t_start = time.time()
         return wrapped
@@ -212,7 +214,8 @@ class Run:
         (weights and router bias untouched, counted in skipped_steps); else AdamW steps and, with update_bias, the
         auxiliary-loss-free bias moves by the expert loads summed over ranks. `losses` are this rank's (name ->
         tensor); returned with their mean over ranks, the grad norm, `skipped` and the max/mean load per MoE layer.
-        count: this is the loop's step (steps that are several optimizer steps count once, with count on the last)."""
+        count: this is the loop's step (steps that are several optimizer steps count once, with count on the last);
+        skipped_steps counts skipped optimizer steps."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         names = list(losses)
@@ -253,7 +256,7 @@ class Run:
         return {k: v / self.d.world for k, v in self.all_sum(values).items()}
 
     def log(self, row: dict, show: dict | None = None, log: str = "metrics") -> None:
-        """One row of metrics by name (to log.jsonl, TensorBoard and W&B); `show`: the progress bar's fields."""
+        """One row of metrics by name (to OUT/{log}.jsonl, TensorBoard and W&B); `show`: the progress bar's fields."""
         row = {"step": self.step, **row}
         self.logs[log].write(row)
         self.trackers.log(row, self.step, "" if log == "metrics" else f"{log}/")

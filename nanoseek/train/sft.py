@@ -110,13 +110,13 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     rows = rows if rows is not None else load_rows(args)
     n_val = int(len(rows) * args.val_frac) if len(rows) > 20 else 0
     train_rows, val_rows = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
+    if tok.vocab_size > model.args.vocab_size:
+        raise NanoseekError(f"{init}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    loader, val, (n_windows, n_targets, cut) = loaders(run, tok, train_rows, val_rows, args.seq_len, args.batch_size)
     run.open({"init": str(init.resolve()), "rows": len(rows), "data": getattr(args, "data", None) or "generated",
               "partial_thoughts": getattr(args, "partial_thoughts", 0.0),
               "seed": args.seed, "seq_len": args.seq_len, "batch": args.batch_size * d.world,
               "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule})
-    if tok.vocab_size > model.args.vocab_size:
-        raise NanoseekError(f"{init}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    loader, val, (n_windows, n_targets, cut) = loaders(run, tok, train_rows, val_rows, args.seq_len, args.batch_size)
     if run.main and getattr(args, "data", None) is None and not (run.out / "sft_data.jsonl").exists():
         atomic_write(run.out / "sft_data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))  # for the record
 
