@@ -187,8 +187,8 @@ class Metrics:
         if resume_step is None:
             atomic_write(self.path, "")
         elif self.path.exists():  # a process killed mid-append leaves a cut last line: dropped with the rest
-            keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and
-                    _step_of(l) <= resume_step]
+            keep = [l for l in self.path.read_text().splitlines()
+                    if (step := _step_of(l)) is not None and step <= resume_step]
             atomic_write(self.path, "".join(l + "\n" for l in keep))
 
     def write(self, row: dict) -> None:

@@ -86,22 +86,6 @@ def check_args(args) -> None:
         raise NanoseekError("--warmup, --clip and --weight-decay must be >= 0")
 
 
-def evaluate(model, loaders: dict, batches: int, autocast) -> dict:
-    model.eval()
-    out = {}
-    with torch.no_grad(), autocast():
-        for name, loader in loaders.items():
-            loader.rewind()
-            losses = []
-            for _ in range(min(batches, loader.n_windows // (loader.batch * loader.world))):
-                x, y = loader.next()
-                losses.append(model(x.to(model.lm_head.weight.device), labels=y.to(model.lm_head.weight.device))
-                              .lm_loss.float())
-            out[name] = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
-    model.train()
-    return out
-
-
 def samples(model, tok, problems: list[dict], n_tokens: int = 64) -> list[dict]:
     """Greedy continuations of 'Problem: ...\\nSolution:\\n' for a few held-out problems."""
     rows = []
@@ -273,8 +257,9 @@ def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) ->
 
 def eval_and_sample(run: Run, evals: dict, tok, problems: list[dict]) -> dict:
     """Held-out losses (averaged over ranks) to eval.jsonl, greedy samples to samples.jsonl."""
-    losses = evaluate(run.model, evals, run.args.eval_batches, run.autocast)
-    ev = {f"{k}_loss": v for k, v in run.all_mean({k: v.item() for k, v in losses.items()}).items()}
+    ev = {f"{name}_loss": run.held_out_loss(loader, min(run.args.eval_batches,
+                                                        loader.n_windows // (loader.batch * loader.world)))
+          for name, loader in evals.items()}
     # under FSDP every rank must run the forwards; otherwise the main rank alone generates
     rows = samples(run.model, tok, problems) if problems and (run.main or run.args.parallel == "fsdp") else []
     run.log(ev, log="eval")

@@ -255,6 +255,19 @@ class Run:
     def all_mean(self, values: dict) -> dict:
         return {k: v / self.d.world for k, v in self.all_sum(values).items()}
 
+    def held_out_loss(self, loader, batches: int) -> float:
+        """The next-token loss over the first `batches` batches of a held-out loader, averaged over ranks (nan when
+        there are none). In eval mode, so the router's load counts (the bias update's input) stay clean."""
+        model = self.model.eval()
+        loader.rewind()
+        losses = []
+        with torch.no_grad(), self.autocast():
+            for _ in range(batches):
+                x, y = loader.next()
+                losses.append(model(x.to(self.d.device), labels=y.to(self.d.device)).lm_loss.float())
+        model.train()
+        return self.all_mean({"loss": torch.stack(losses).mean().item() if losses else float("nan")})["loss"]
+
     def log(self, row: dict, show: dict | None = None, log: str = "metrics") -> None:
         """One row of metrics by name (to OUT/{log}.jsonl, TensorBoard and W&B); `show`: the progress bar's fields."""
         row = {"step": self.step, **row}

@@ -85,20 +85,6 @@ def loaders(run: Run, tok, train_rows, val_rows, seq_len: int, batch: int):
     return loader, val, (len(ids), int(mask.sum()), cut)
 
 
-def val_loss(run: Run, val) -> float:
-    if val is None:
-        return float("nan")
-    model = run.model.eval()
-    val.rewind()
-    losses = []
-    with torch.no_grad(), run.autocast():
-        for _ in range(max(1, val.n_windows // (val.batch * val.world))):
-            x, y = val.next()
-            losses.append(model(x.to(run.d.device), labels=y.to(run.d.device)).lm_loss.float())
-    model.train()
-    return run.all_mean({"v": torch.stack(losses).mean().item()})["v"]
-
-
 def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     """Fine-tune; `rows` (chat rows) and the run directory may be given directly (distillation), else they come
     from the flags."""
@@ -145,7 +131,8 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
                  "skipped_steps": run.skipped, "target_tokens": tokens, "step_seconds": time.time() - t0},
                 show={"loss": f"{out['loss']:.3f}", "lr": f"{lr:.2e}"})
         if run.due(args.eval_every):
-            v = val_loss(run, val)
+            v = run.held_out_loss(val, max(1, val.n_windows // (val.batch * val.world))) \
+                if val is not None else float("nan")
             run.log({"val_loss": v}, log="eval")
             run.write(f"step {run.step}: val loss {v:.3f}")
         if run.due(args.save_every):
