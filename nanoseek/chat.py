@@ -24,12 +24,15 @@ class Splitter:
         self.tok, self.starts_thinking = tok, thinking
         self.ids: list[int] = []
         self.sent = {"reasoning": 0, "content": 0}  # characters already emitted
+        self.opened = thinking  # a thought was opened (by the prompt or by the model)
+        self.announced = False  # the first reasoning delta went out (an empty one if the thought is still empty)
 
     def split(self, final: bool) -> tuple[str, str]:
         text = self.tok.decode([t for t in self.ids if t != self.tok.eos_id], skip_special_tokens=True)
         thinking = self.starts_thinking
         if not thinking and text.lstrip().startswith(self.OPEN):  # the model opened a thought itself
             text, thinking = text.lstrip()[len(self.OPEN):], True
+        self.opened = thinking
         if not final and text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             text = text[:-1]
         if not thinking:
@@ -46,13 +49,15 @@ class Splitter:
         return text.strip(), ""
 
     def feed(self, ids: list[int], final: bool = False) -> list[tuple[str, str]]:
-        """New token ids -> [(kind, text delta)]."""
+        """New token ids -> [(kind, text delta)]. An opened thought is announced by its first reasoning delta, an
+        empty one if it has no text yet, so a client knows of a thought that a budget cut leaves empty."""
         self.ids += ids
         out = []
         for kind, text in zip(("reasoning", "content"), self.split(final)):
-            if len(text) > self.sent[kind]:
+            if len(text) > self.sent[kind] or (kind == "reasoning" and self.opened and not self.announced):
                 out.append((kind, text[self.sent[kind]:]))
                 self.sent[kind] = len(text)
+                self.announced |= kind == "reasoning"
         return out
 
     def texts(self) -> tuple[str, str]:

@@ -125,6 +125,18 @@ def test_reasoning_split_matches_tokens(server, engine, tok):
     assert r.choices[0].message.content == tok.decode(answer, skip_special_tokens=True).lstrip("\n")
 
 
+def test_thought_cut_to_nothing_is_still_announced(server):
+    """A budget that ends before the thought's first whole line leaves it empty; the client still learns a thought was
+    opened: reasoning_content is "" in the message, and the stream's first reasoning delta is an empty string."""
+    c = client(server)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0,
+              extra_body={"thinking_budget": 0})
+    assert c.chat.completions.create(**kw).choices[0].message.model_extra["reasoning_content"] == ""
+    deltas = [(d.model_extra or {}).get("reasoning_content") for chunk in c.chat.completions.create(**kw, stream=True)
+              for d in (ch.delta for ch in chunk.choices)]
+    assert [x for x in deltas if x is not None] == [""]
+
+
 def test_n_stop_and_completions(server):
     c = client(server)
     r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "count"}], n=3, max_tokens=8,

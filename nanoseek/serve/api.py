@@ -363,7 +363,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                     if r.params.stop:
                         content = _cut(content, r.params.stop)
                     msg = {"role": "assistant", "content": content}
-                    if reasoning or splits[i].starts_thinking:  # a thought was opened (one a budget cut may be empty)
+                    if splits[i].opened:  # a thought was opened (one a budget cut may leave empty)
                         msg["reasoning_content"] = reasoning
                     choices.append({"index": i, "message": msg, "finish_reason": finish(r),
                                     "logprobs": logprobs_of(r)})

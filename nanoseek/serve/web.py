@@ -37,7 +37,7 @@ document.getElementById('f').onsubmit=async e=>{
  const box=bubble('assistant'); const think=document.createElement('details'); think.className='think'; think.open=true;
  think.innerHTML='<summary>thinking</summary><div class="tt"></div>'; const tt=think.querySelector('.tt');
  const ans=document.createElement('div'); ans.className='answer'; box.appendChild(think); box.appendChild(ans);
- ctrl=new AbortController(); send.disabled=true; stopb.disabled=false; let content='';
+ ctrl=new AbortController(); send.disabled=true; stopb.disabled=false; let content='', thought=false;
  const body={messages:history,stream:true,temperature:+document.getElementById('temp').value,
    max_tokens:+document.getElementById('maxtok').value,thinking_budget:+document.getElementById('budget').value};
  const headers={'Content-Type':'application/json'}; const key=document.getElementById('key').value;
@@ -50,12 +50,12 @@ document.getElementById('f').onsubmit=async e=>{
    let i; while((i=buf.indexOf('\n\n'))>=0){const line=buf.slice(0,i).trim(); buf=buf.slice(i+2);
     if(!line.startsWith('data:'))continue; const data=line.slice(5).trim(); if(data==='[DONE]')continue;
     const ch=JSON.parse(data); for(const c of ch.choices||[]){const d=c.delta||{};
-     if(d.reasoning_content){tt.textContent+=d.reasoning_content}
+     if(typeof d.reasoning_content==='string'){thought=true; tt.textContent+=d.reasoning_content}
      if(d.content){content+=d.content; ans.textContent=content; think.open=false}}
     window.scrollTo(0,document.body.scrollHeight)}}
  }catch(err){if(err.name!=='AbortError'){const p=document.createElement('div');p.className='err';
    p.textContent='error: '+err.message;box.appendChild(p)}}
- if(!tt.textContent)think.remove();
+ if(!tt.textContent){if(thought)tt.textContent='(the thinking budget ran out before a whole line)'; else think.remove()}
  history.push({role:'assistant',content}); ctrl=null; send.disabled=false; stopb.disabled=true; q.focus();
 };
 </script></body></html>
