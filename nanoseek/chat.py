@@ -70,7 +70,7 @@ def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> s
     tok = engine.tok
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     req = engine.add(prompt, params)
-    split = Splitter(tok, req.thinking)
+    split = Splitter(tok, req.starts_thinking)
     dim, reset = ("\033[2m", "\033[0m") if color else ("", "")
     state = None
     while not req.done:

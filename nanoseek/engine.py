@@ -71,6 +71,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     slot: int | None = None
     thinking: bool = False  # inside <think> ... </think> right now
+    starts_thinking: bool = False  # the prompt left a thought open (fixed at add(); `thinking` changes as it runs)
     thinking_tokens: int = 0
     generator: torch.Generator | None = None
     line_start: int = 0  # index in output where the thought's current line began (a budget cuts back to it)
@@ -206,7 +207,7 @@ class Engine:
         if self.tok is not None and self.tok.think_id is not None:  # does generation start inside a thought?
             last_open = max((i for i, t in enumerate(prompt) if t == self.tok.think_id), default=-1)
             last_close = max((i for i, t in enumerate(prompt) if t == self.tok.end_think_id), default=-1)
-            r.thinking = last_open > last_close
+            r.thinking = r.starts_thinking = last_open > last_close
         self.waiting.append(r)
         return r
 

@@ -170,6 +170,7 @@ def test_thinking_budget_and_stops(model, tok):
                 eng.step()
                 streamed += r.stream()
             assert streamed == r.output  # a stream never hands out a token that the budget later cuts back
+            assert r.starts_thinking and not r.thinking  # where it started stays known (a stream's splitter needs it)
             closes = [i for i, t in enumerate(r.output) if t == tok.end_think_id]
             assert closes, r.output
             thought = r.output[:closes[0]]

@@ -340,7 +340,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             raise
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        splits = [Splitter(tok, h.request.thinking) for h in handles] if chat else None
+        splits = [Splitter(tok, h.request.starts_thinking) for h in handles] if chat else None
 
         def done_stats():
             runner.stats["latency_sum"] += time.time() - t0
