@@ -6,6 +6,7 @@ ids, where `</think>` is one token, so a tag can never be cut in half between tw
 ends inside a multi-byte character.
 """
 
+import argparse
 import sys
 
 from nanoseek.engine import Engine, SamplingParams
@@ -22,19 +23,17 @@ class Splitter:
 
     def __init__(self, tok, thinking: bool):
         self.tok, self.starts_thinking = tok, thinking
-        self.ids: list[int] = []
+        self.decoder = tok.decoder(skip_special_tokens=True)
         self.sent = {"reasoning": 0, "content": 0}  # characters already emitted
         self.opened = thinking  # a thought was opened (by the prompt or by the model)
         self.announced = False  # the first reasoning delta went out (an empty one if the thought is still empty)
 
     def split(self, final: bool) -> tuple[str, str]:
-        text = self.tok.decode([t for t in self.ids if t != self.tok.eos_id], skip_special_tokens=True)
+        text = self.decoder.text
         thinking = self.starts_thinking
         if not thinking and text.lstrip().startswith(self.OPEN):  # the model opened a thought itself
             text, thinking = text.lstrip()[len(self.OPEN):], True
         self.opened = thinking
-        if not final and text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            text = text[:-1]
         if not thinking:
             return "", text
         i = text.find(self.CLOSE)
@@ -51,7 +50,7 @@ class Splitter:
     def feed(self, ids: list[int], final: bool = False) -> list[tuple[str, str]]:
         """New token ids -> [(kind, text delta)]. An opened thought is announced by its first reasoning delta, an
         empty one if it has no text yet, so a client knows of a thought that a budget cut leaves empty."""
-        self.ids += ids
+        self.decoder.feed([t for t in ids if t != self.tok.eos_id], final)
         out = []
         for kind, text in zip(("reasoning", "content"), self.split(final)):
             if len(text) > self.sent[kind] or (kind == "reasoning" and self.opened and not self.announced):
@@ -90,11 +89,37 @@ def run_turn(engine, messages, params, out=sys.stdout, color: bool = False) -> s
     return split.texts()[1]
 
 
-def main(args) -> None:
+def load_engine(args, max_batch: int) -> Engine:
+    """The checkpoint in an engine with the CLI's decode flags (serve and chat): the compiled decode step unless
+    --no-compile, compiled now (warm-up) so that the first request does not wait; eager, with one line saying why,
+    where compiling fails."""
     model = from_pretrained(args.checkpoint)
     if model.tokenizer is None:
-        raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; chat needs one")
-    engine = Engine(model, max_batch=1, compile=getattr(args, "compile", False))
+        raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; chat and serve need one")
+    engine = Engine(model, max_batch=max_batch, max_len=getattr(args, "max_len", None), compile=args.compile,
+                    speculative=args.speculative)
+    if engine.compile:
+        print("compiling the decode step (once per shape; seconds once cached, --no-compile skips it)...",
+              file=sys.stderr, flush=True)
+        took = engine.warm_up()
+        print(f"  compiled in {took:.1f} s" if engine.compile else
+              f"  torch.compile is unavailable here ({engine.compile_error}); decoding eagerly", file=sys.stderr,
+              flush=True)
+    return engine
+
+
+def add_decode_args(sp) -> None:
+    """The decode flags that serve and chat share."""
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="the compiled decode step (default; compiled at start, several times faster per token); "
+                         "--no-compile decodes eagerly")
+    sp.add_argument("--speculative", action="store_true",
+                    help="MTP speculative decoding (needs a checkpoint with an MTP module; requests with logprobs "
+                         "or a thinking budget decode plainly)")
+
+
+def main(args) -> None:
+    engine = load_engine(args, max_batch=1)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, thinking_budget=args.think_budget).validate()
     color = sys.stdout.isatty() and not args.no_color
@@ -127,5 +152,4 @@ def add_args(sp) -> None:
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     sp.add_argument("--seed", type=int, default=None, help="sampling seed")
     sp.add_argument("--no-color", action="store_true", help="mark thinking with [thinking] instead of dim text")
-    sp.add_argument("--compile", action="store_true",
-                    help="torch.compile the decode step (several times faster per token; ~15 s to compile first)")
+    add_decode_args(sp)

@@ -91,9 +91,11 @@ def cmd_chat(args):
 
 def cmd_serve(args):
     from nanoseek.serve.api import main as serve
-    for name in ("port", "max_batch", "max_queue"):
+    for name in ("port", "max_batch", "max_queue", "threads"):
         if getattr(args, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.stream_interval <= 10_000:
+        raise NanoseekError("--stream-interval must be in [0, 10000] ms")
     serve(args)
 
 

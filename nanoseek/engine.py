@@ -24,6 +24,7 @@ min(1, p/q), else replaced from the residual, so the output distribution is exac
 
 import functools
 import itertools
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # eos, stop_token_ids and stop strings do not end generation before this many tokens (vLLM's)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely alternatives
     thinking_budget: int | None = None  # max tokens inside <think> ... </think>
 
@@ -57,6 +59,8 @@ class SamplingParams:
             raise NanoseekError(f"top_k must be >= 0, got {self.top_k}")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise NanoseekError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise NanoseekError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         return self
 
 
@@ -165,6 +169,27 @@ def generate_all(model, tok, prompts: list[list[int]], params: list[SamplingPara
     return Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_len=max_len).generate(prompts, params)
 
 
+def make_request(rid: int, prompt: list[int], params: SamplingParams | None, max_len: int, vocab_size: int,
+                 tok=None) -> Request:
+    """A checked Request (NanoseekError says what is wrong), with whether the prompt leaves a thought open. Needs no
+    model: the server's front end checks requests with it before they reach the engine's process."""
+    params = (params or SamplingParams()).validate()
+    if not prompt:
+        raise NanoseekError("the prompt is empty")
+    if len(prompt) >= max_len:
+        raise NanoseekError(f"the prompt has {len(prompt)} tokens; the context holds {max_len}")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise NanoseekError("the prompt holds token ids outside the vocabulary")
+    if params.stop and tok is None:
+        raise NanoseekError("stop strings need a tokenizer")
+    r = Request(rid, list(prompt), params)
+    if tok is not None and tok.think_id is not None:  # does generation start inside a thought?
+        last_open = max((i for i, t in enumerate(prompt) if t == tok.think_id), default=-1)
+        last_close = max((i for i, t in enumerate(prompt) if t == tok.end_think_id), default=-1)
+        r.thinking = r.starts_thinking = last_open > last_close
+    return r
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None, absorb: bool = True,
                  dtype=None, speculative: bool = False, compile: bool = False):
@@ -176,6 +201,7 @@ class Engine:
         self.cache = KVCache(self.args, max_batch, self.max_len, self.device, dtype or model.lm_head.weight.dtype)
         self.absorb = absorb
         self.compile = compile and absorb  # decode steps through torch.compile (see `decode`)
+        self.compile_error: str | None = None  # why compiling failed (then the engine decodes eagerly)
         if speculative and not len(model.mtp):
             raise NanoseekError("speculative decoding needs the MTP module, and this checkpoint has none")
         self.speculative = speculative
@@ -191,24 +217,17 @@ class Engine:
 
     # ---- requests ----
     def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
-        params = (params or SamplingParams()).validate()
-        if not prompt:
-            raise NanoseekError("the prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise NanoseekError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}")
-        if any(not 0 <= t < self.args.vocab_size for t in prompt):
-            raise NanoseekError("the prompt holds token ids outside the vocabulary")
-        if params.stop and self.tok is None:
-            raise NanoseekError("stop strings need a tokenizer")
-        r = Request(next(self._ids), list(prompt), params)
-        r.speculative = self.speculative and params.logprobs is None and params.thinking_budget is None
-        if params.seed is not None:
-            r.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self.tok is not None and self.tok.think_id is not None:  # does generation start inside a thought?
-            last_open = max((i for i, t in enumerate(prompt) if t == self.tok.think_id), default=-1)
-            last_close = max((i for i, t in enumerate(prompt) if t == self.tok.end_think_id), default=-1)
-            r.thinking = r.starts_thinking = last_open > last_close
+        """Queue a prompt; it is admitted at the next step with a free cache slot."""
+        r = self.request(prompt, params)
         self.waiting.append(r)
+        return r
+
+    def request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        """A checked Request, not queued yet (the server makes it in its handler, the engine loop queues it)."""
+        r = make_request(next(self._ids), prompt, params, self.max_len, self.args.vocab_size, self.tok)
+        r.speculative = self.speculative and r.params.logprobs is None and r.params.thinking_budget is None
+        if r.params.seed is not None:
+            r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
         return r
 
     def abort(self, request: Request) -> None:
@@ -253,9 +272,28 @@ class Engine:
                 return compiled_forward()(self.model, ids, self.cache.kv, self.cache.pe, slots, start, True,
                                           self.max_len)[0][:, -1]
             except Exception as e:  # the compiler is optional: say why once, then decode eagerly
-                warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on ({e!r})")
-                self.compile = False
+                self.compile, self.compile_error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]:.200}"
+                warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on "
+                              f"({self.compile_error})")
         return self.forward(ids, slots, start, absorb=self.absorb)[0][:, -1]
+
+    def warm_up(self) -> float:
+        """Compile the decode step's graphs now (batch 1, and the dynamic-batch graph where the cache has more rows),
+        so that the first user does not wait for it; a short throwaway generation per shape. Returns the seconds
+        taken. If compiling fails, the engine decodes eagerly and `compile_error` says why."""
+        if not self.compile:
+            return 0.0
+        t = time.perf_counter()
+        busy, self.waiting, self.running = (self.waiting, self.running), [], []
+        try:
+            params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=0)  # plain decode steps
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a failure is in compile_error; the caller says it in one line
+                for n in sorted({1, min(2, len(self.free))}):
+                    self.generate([[self.eos if self.eos >= 0 else 0] * 2] * n, params)
+        finally:
+            self.waiting, self.running = busy
+        return time.perf_counter() - t
 
     @torch.no_grad()
     def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -274,11 +312,12 @@ class Engine:
         logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
                                  torch.tensor([L], device=self.device), absorb=self.absorb)
         self.spec_stats["drafted"] += 1
+        first = self._ban_stops(r, logits[0, 0].float())
         if r.params.temperature == 0:
-            y = int(logits[0, 0].argmax())
+            y = int(first.argmax())
             hit = y == r.draft
         else:
-            y, hit = speculative_choice(self.probs(r, logits[0, 0]), r.draft_probs, r.draft, r.generator)
+            y, hit = speculative_choice(self.probs(r, first), r.draft_probs, r.draft, r.generator)
         self.spec_stats["accepted"] += hit
         new = [y]
         self._accept(r, y)
@@ -315,12 +354,21 @@ class Engine:
             z = z.index_fill(0, si[cut], float("-inf"))
         return z.softmax(-1)
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+    def _ban_stops(self, r: Request, logits: torch.Tensor) -> torch.Tensor:
+        """Before min_tokens: eos and the stop token ids cannot be drawn (logits [..., V], returned masked)."""
+        p = r.params
+        if len(r.output) >= p.min_tokens:
+            return logits
+        banned = [t for t in (self.eos, *p.stop_token_ids) if 0 <= t < logits.shape[-1]]
+        return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits
+
+    def _sample(self, r: Request, logits: torch.Tensor, masked: bool = False) -> int:
+        """One token for r from its logits [V] (masked: _ban_stops was applied already)."""
         p = r.params
         if r.thinking and p.thinking_budget is not None and r.thinking_tokens >= p.thinking_budget:
             self._cut_thought(r)
             return self.tok.end_think_id  # the budget is spent: close the thought
-        logits = logits.float()
+        logits = logits.float() if masked else self._ban_stops(r, logits.float())
         tok = int(logits.argmax()) if p.temperature == 0 else \
             draw_one(self.probs(r, logits), r.generator)
         if p.logprobs is not None:
@@ -344,9 +392,15 @@ class Engine:
         """_sample for each row of logits [n, V]; the plain rows (temperature only, no logprobs or budget) share one
         softmax, then each draws from its own generator as _sample would (the same tokens: a test checks)."""
         logits = logits.float()
+        early = [i for i, r in enumerate(batch) if len(r.output) < r.params.min_tokens]
+        if early and self.eos >= 0:  # before min_tokens: no eos (one write for the batch)
+            logits[torch.tensor(early, device=logits.device), self.eos] = float("-inf")
+        for i in early:
+            if batch[i].params.stop_token_ids:
+                logits[i] = self._ban_stops(batch[i], logits[i])
         plain = [i for i, r in enumerate(batch) if r.params.temperature > 0 and not r.params.top_k
-                 and r.params.top_p >= 1 and r.params.logprobs is None and not
-                 (r.thinking and r.params.thinking_budget is not None)]
+                 and r.params.top_p >= 1 and r.params.logprobs is None
+                 and not (r.thinking and r.params.thinking_budget is not None)]
         out = [None] * len(batch)
         if len(plain) > 1:
             idx = torch.tensor(plain, device=logits.device)
@@ -356,7 +410,7 @@ class Engine:
                 out[i] = t
         for i, r in enumerate(batch):
             if out[i] is None:
-                out[i] = self._sample(r, logits[i])
+                out[i] = self._sample(r, logits[i], masked=True)
         return out
 
     def _accept(self, r: Request, tok: int) -> None:
@@ -372,7 +426,7 @@ class Engine:
         p = r.params
         if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "stop")
-        if p.stop:
+        if p.stop and len(r.output) >= p.min_tokens:
             r.text = self.tok.decode(r.output)
             hits = [i for i in (r.text.find(s) for s in p.stop) if i >= 0]
             if hits:

@@ -112,6 +112,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:  # the same Jinja setup transformers uses to render chat templates
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -131,3 +134,31 @@ class Tokenizer:
         """A reasoning problem ({'question': ...}) as one user turn of the R1 template, the assistant's turn opened:
         the prompt GRPO, evaluation and distillation sample from."""
         return self.apply_chat_template([{"role": "user", "content": problem["question"].strip()}])
+
+
+class IncrementalDecoder:
+    """Token ids arriving a few at a time -> their text, each id decoded a bounded number of times (decoding the whole
+    output again at every step costs O(n^2) over a long answer). The new text is what decoding a short window of
+    recent ids adds to the same window without the newest ones, as in vLLM's `detokenize_incrementally`; a multi-byte
+    character split between tokens is held back until it is whole. Equal to `decode(all ids)` (a test checks)."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the context window; ids[read:] not yet turned into text
+        self.text = ""
+
+    def feed(self, ids: list[int], final: bool = False) -> str:
+        """Add ids; returns the text they complete (possibly empty)."""
+        self.ids += ids
+        if self.read == len(self.ids):
+            return ""
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""  # nothing yet, or a character still incomplete
+        new = after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += new
+        return new
+

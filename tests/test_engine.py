@@ -314,3 +314,23 @@ def test_compile_failure_falls_back_to_eager(model, monkeypatch):
     with pytest.warns(UserWarning, match="decoding eagerly"):
         out = eng.generate([prompts()[0]], SamplingParams(max_tokens=5, temperature=0))[0].output
     assert out == greedy_reference(model, prompts()[0], 5) and not eng.compile
+
+
+def test_min_tokens_and_ignore_eos(model):
+    """vLLM's min_tokens: eos and stop token ids cannot end generation before min_tokens (they are masked, so the
+    sample differs from an unmasked one only there); ignore_eos: generation runs past eos to max_tokens."""
+    eng = Engine(model, max_batch=2)
+    prompt = [5, 6, 7, 8]
+    free = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].output
+    eng.eos = free[2]  # make the third greedy token the end of the sequence
+    stop_early = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert stop_early.output[-1] == eng.eos and len(stop_early.output) <= 3 and stop_early.finish_reason == "stop"
+    for params in (SamplingParams(max_tokens=12, temperature=0, min_tokens=6),
+                   SamplingParams(max_tokens=12, temperature=1.0, seed=3, min_tokens=6),
+                   SamplingParams(max_tokens=12, temperature=0, min_tokens=6, stop_token_ids=(free[4],))):
+        r = eng.generate([prompt], params)[0]
+        assert len(r.output) >= 6 and eng.eos not in r.output[:5] and set(params.stop_token_ids).isdisjoint(r.output[:5])
+    r = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(r.output) == 12 and r.output[:3] == free[:3] and r.finish_reason == "length"
+    with pytest.raises(NanoseekError):
+        SamplingParams(max_tokens=4, min_tokens=5).validate()

@@ -5,33 +5,39 @@ GET /metrics (Prometheus text). DeepSeek-reasoner convention: the text between `
 `message.reasoning_content` (`delta.reasoning_content` when streaming), the rest `content`; `usage` counts the
 reasoning tokens. `thinking_budget` (tokens) caps the thought; OpenAI's `reasoning_effort` maps onto budgets.
 
-One engine thread runs `Engine.step()` while there is work; request handlers hand it prompts and read the new tokens
-of their request from an asyncio queue. A client that disconnects has its request aborted and its cache slot freed.
+The engine runs in a process of its own (serve/core.py, as vLLM's EngineCore); request handlers hand it prompts and
+await their requests' tokens (serve/runner.py: Group), which reach them at most every --stream-interval after the
+first. A client that disconnects has its request aborted and its cache slot freed.
 With --api-key every route but /health needs `Authorization: Bearer <key>` (compared in constant time, never
 logged). Every field is validated with bounds -> 400 with an OpenAI-style error object; a full queue -> 429.
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
-import logging
 import socket
-import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 import uvicorn
 
-from nanoseek.chat import Splitter
+from nanoseek.chat import Splitter, add_decode_args
+from nanoseek.config import ModelArgs
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
-from nanoseek.model import from_pretrained
+from nanoseek.serve.metrics import Metrics
+from nanoseek.serve.core import CoreClient, CoreSpec
+from nanoseek.serve.runner import EngineLoop, Group, QueueFull
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.serve.web import PAGE
 
 EFFORT_BUDGETS = {"low": 256, "medium": 1024, "high": 4096}  # reasoning_effort -> thinking tokens
@@ -78,6 +84,8 @@ class Sampling(BaseModel):
     thinking_budget: int | None = Field(default=None, ge=0, le=1_000_000)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     logprobs: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=1_000_000)  # vLLM's extensions, for fixed-length benchmark runs
+    ignore_eos: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = Field(default=None, max_length=256)
 
@@ -111,98 +119,53 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# ---- the engine thread ---------------------------------------------------------------------------------------------
+class BearerAuth:
+    """With --api-key every route but /health needs `Authorization: Bearer <key>` (compared in constant time, never
+    logged). Plain ASGI, not starlette's BaseHTTPMiddleware, which relays every streamed chunk through a task and a
+    memory stream (a third of the HTTP thread's time per token, measured)."""
 
-class Handle:
-    def __init__(self, loop):
-        self.loop, self.queue, self.request = loop, asyncio.Queue(), None
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
 
-
-class Runner:
-    """Owns the engine; one thread steps it; handlers submit and cancel under a lock."""
-
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
-        self.lock = threading.Condition()
-        self.handles: dict[int, Handle] = {}
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "aborted": 0,
-                      "latency_sum": 0.0, "latency_count": 0}
-        self.stopped = False
-        self.thread = threading.Thread(target=self.loop, daemon=True, name="nanoseek-engine")
-        self.thread.start()
-
-    def submit(self, prompt: list[int], params: SamplingParams) -> Handle:
-        h = Handle(asyncio.get_running_loop())
-        with self.lock:
-            if len(self.engine.waiting) >= self.max_queue:
-                raise APIError(429, "the server is busy: the request queue is full; retry later", "rate_limit_error",
-                               code="queue_full")
-            try:
-                h.request = self.engine.add(prompt, params)
-            except NanoseekError as e:
-                raise APIError(400, str(e)) from None
-            self.handles[h.request.id] = h
-            self.stats["requests"] += 1
-            self.stats["prompt_tokens"] += len(prompt)
-            self.lock.notify()
-        return h
-
-    def cancel(self, h: Handle) -> None:
-        with self.lock:
-            if h.request is not None and not h.request.done:
-                self.engine.abort(h.request)
-                self.stats["aborted"] += 1
-            self.handles.pop(h.request.id if h.request else -1, None)
-
-    def loop(self) -> None:
-        while not self.stopped:
-            with self.lock:
-                while not self.engine.has_work and not self.stopped:
-                    self.lock.wait(timeout=0.5)
-                if self.stopped:
-                    return
-                try:
-                    touched = self.engine.step()
-                except Exception as e:  # never leave clients hanging: end every request, keep serving
-                    logging.getLogger("nanoseek.serve").exception("engine step failed: %s", e)
-                    self.stats["errors"] += 1
-                    touched = self.engine.waiting + self.engine.running
-                    for r in touched:
-                        self.engine.abort(r)
-                        r.finish_reason = "error"
-                events = []
-                for r in touched:
-                    h = self.handles.get(r.id)
-                    if h is None:
-                        continue
-                    new = r.stream()
-                    events.append((h, new, r.done))
-                    self.stats["completion_tokens"] += len(new)
-                    if r.done:
-                        self.handles.pop(r.id, None)
-            for h, new, done in events:
-                h.loop.call_soon_threadsafe(h.queue.put_nowait, (new, done))
-
-    def queue_depth(self) -> int:
-        return len(self.engine.waiting)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.want):
+                response = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer ...)",
+                                                   "authentication_error", code="invalid_api_key"), status_code=401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
 
-def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None = None, max_queue: int = 64):
-    app = FastAPI(title="nanoseek", version="0.1.0", docs_url=None, redoc_url=None)
-    runner = Runner(engine, max_queue)
+def create_app(engine: "Engine | CoreClient", model_name: str = "nanoseek", api_key: str | None = None,
+               max_queue: int = 64, stream_interval: float = 0.0):
+    """The FastAPI app. Over an Engine object (embedding, the tests) the engine is stepped in a thread of this
+    process (runner.EngineLoop; stream_interval: seconds between a stream's hand-overs after its first, 0: every
+    token); `nanoseek serve` passes a CoreClient, the engine in a process of its own (serve/core.py)."""
+    runner = EngineLoop(engine, max_queue, stream_interval).start() if isinstance(engine, Engine) else engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if hasattr(runner, "attach"):
+            runner.attach(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(title="nanoseek", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = Metrics(model_name, runner.max_len, runner.state)
+    runner.set_metrics(metrics)
     app.state.runner = runner
-    tok = engine.tok
+    tok = runner.tok
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        runner.stats["errors"] += 1
+        metrics.inc("errors")
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
-        runner.stats["errors"] += 1
+        metrics.inc("errors")
         first = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return JSONResponse(error_body(f"{loc or 'body'}: {first.get('msg', 'invalid request')}",
@@ -214,27 +177,21 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
     @app.exception_handler(Exception)
     async def crash(_, e: Exception):  # never a traceback to the client
-        runner.stats["errors"] += 1
+        metrics.inc("errors")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path not in ("/health",):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer ...)",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
 
     def sampling(req: Sampling, prompt_len: int, chat: bool) -> list[SamplingParams]:
-        limit = engine.max_len - prompt_len
+        limit = runner.max_len - prompt_len
         if limit < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; the context holds {engine.max_len}",
+            raise APIError(400, f"the prompt has {prompt_len} tokens; the context holds {runner.max_len}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         max_tokens = req.max_completion_tokens or req.max_tokens or limit
         if max_tokens > limit:
             raise APIError(400, f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed the context of "
-                                f"{engine.max_len}", param="max_tokens", code="context_length_exceeded")
+                                f"{runner.max_len}", param="max_tokens", code="context_length_exceeded")
         budget = req.thinking_budget
         if budget is None and req.reasoning_effort:
             budget = EFFORT_BUDGETS[req.reasoning_effort]
@@ -242,18 +199,13 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         top = (req.top_logprobs or 0) if req.logprobs else None
         return [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                seed=None if req.seed is None else req.seed + i, stop=stop, logprobs=top,
-                               thinking_budget=budget).validate() for i in range(req.n)]
+                               thinking_budget=budget, min_tokens=min(req.min_tokens, max_tokens),
+                               ignore_eos=req.ignore_eos).validate() for i in range(req.n)]
 
-    async def collect(h: Handle, request: Request):
-        while True:
-            try:
-                new, done = await asyncio.wait_for(h.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    runner.cancel(h)
-                    return
-                continue
-            if done:
+    async def collect(g: Group, request: Request):
+        while not g.all_done:
+            if await g.next(timeout=1.0) is None and await request.is_disconnected():
+                runner.cancel(g)
                 return
 
     def usage(reqs, splits) -> dict:
@@ -281,23 +233,12 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanoseek", "max_model_len": engine.max_len}]}
+                                            "owned_by": "nanoseek", "max_model_len": runner.max_len}]}
 
     @app.get("/metrics")
-    async def metrics():
-        s = runner.stats
-        lines = ["# TYPE nanoseek_requests_total counter", f"nanoseek_requests_total {s['requests']}",
-                 "# TYPE nanoseek_prompt_tokens_total counter", f"nanoseek_prompt_tokens_total {s['prompt_tokens']}",
-                 "# TYPE nanoseek_completion_tokens_total counter",
-                 f"nanoseek_completion_tokens_total {s['completion_tokens']}",
-                 "# TYPE nanoseek_errors_total counter", f"nanoseek_errors_total {s['errors']}",
-                 "# TYPE nanoseek_aborted_total counter", f"nanoseek_aborted_total {s['aborted']}",
-                 "# TYPE nanoseek_queue_depth gauge", f"nanoseek_queue_depth {runner.queue_depth()}",
-                 "# TYPE nanoseek_running gauge", f"nanoseek_running {len(engine.running)}",
-                 "# TYPE nanoseek_request_latency_seconds summary",
-                 f"nanoseek_request_latency_seconds_sum {s['latency_sum']:.6f}",
-                 f"nanoseek_request_latency_seconds_count {s['latency_count']}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/")
     async def page():
@@ -329,30 +270,23 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         return await respond(prompt, params, req.stream, request, chat=False)
 
     async def respond(prompt, params, stream: bool, request: Request, chat: bool):
-        t0 = time.time()
-        handles = []
         try:
-            for sp in params:
-                handles.append(runner.submit(prompt, sp))
-        except APIError:
-            for h in handles:
-                runner.cancel(h)
-            raise
+            g = runner.submit(prompt, params)
+        except QueueFull:
+            raise APIError(429, "the server is busy: the request queue is full; retry later", "rate_limit_error",
+                           code="queue_full") from None
+        except NanoseekError as e:
+            raise APIError(400, str(e)) from None
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        splits = [Splitter(tok, h.request.starts_thinking) for h in handles] if chat else None
-
-        def done_stats():
-            runner.stats["latency_sum"] += time.time() - t0
-            runner.stats["latency_count"] += 1
+        splits = [Splitter(tok, r.starts_thinking) for r in g.requests] if chat else None
 
         if not stream:
             try:
-                await asyncio.gather(*(collect(h, request) for h in handles))
+                await collect(g, request)
             finally:
-                for h in handles:
-                    runner.cancel(h)
-            reqs = [h.request for h in handles]
+                runner.cancel(g)
+            reqs = g.requests
             if any(r.finish_reason == "error" for r in reqs):
                 raise APIError(500, "the engine failed while generating; the request was ended", "server_error")
             choices = []
@@ -368,60 +302,47 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                     choices.append({"index": i, "message": msg, "finish_reason": finish(r),
                                     "logprobs": logprobs_of(r)})
                 else:
-                    text = r.text if r.params.stop else engine.text(r)
+                    text = r.text if r.params.stop else runner.text(r)
                     choices.append({"index": i, "text": text, "finish_reason": finish(r), "logprobs": logprobs_of(r)})
-            done_stats()
             return {"id": cid, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": model_name, "choices": choices, "usage": usage(reqs, splits)}
 
         async def events():
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(i, finish_reason=None, **part):
+                return _sse({"id": cid, "object": obj, "created": created, "model": model_name,
+                             "choices": [{"index": i, **part, "finish_reason": finish_reason}]})
+
             try:
-                obj = "chat.completion.chunk" if chat else "text_completion"
                 if chat:
-                    for i in range(len(handles)):
-                        yield _sse({"id": cid, "object": obj, "created": created, "model": model_name,
-                                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None}]})
-                queues = {i: h for i, h in enumerate(handles)}
-                sent_text = {i: "" for i in queues}
-                got = {i: [] for i in queues}
-                pending = {i: asyncio.ensure_future(h.queue.get()) for i, h in queues.items()}
-                while pending:
-                    done, _ = await asyncio.wait(pending.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                    if not done and await request.is_disconnected():
-                        return
-                    for i in [i for i, f in pending.items() if f in done]:
-                        new, fin = pending.pop(i).result()
-                        r = handles[i].request
+                    for i in range(len(g.requests)):
+                        yield chunk(i, delta={"role": "assistant", "content": ""})
+                texts = [tok.decoder(skip_special_tokens=False) for _ in g.requests] if not chat else None
+                while not g.all_done:
+                    news = await g.next(timeout=1.0)
+                    if news is None:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    for i, new, fin in news:
+                        r = g.requests[i]
                         if chat:
                             for kind, delta in splits[i].feed(new, final=fin):
-                                key = "reasoning_content" if kind == "reasoning" else "content"
-                                yield _sse({"id": cid, "object": obj, "created": created, "model": model_name,
-                                            "choices": [{"index": i, "delta": {key: delta}, "finish_reason": None}]})
-                        else:  # from the ids streamed so far: a budgeted thought's line may still be cut back
-                            got[i] += new
-                            ids = got[i][:-1] if fin and got[i] and got[i][-1] == engine.eos else got[i]
-                            text = r.text if fin and r.params.stop else tok.decode(ids)
-                            if fin or not text.endswith("\ufffd"):
-                                delta, sent_text[i] = text[len(sent_text[i]):], text
-                                if delta:
-                                    yield _sse({"id": cid, "object": obj, "created": created, "model": model_name,
-                                                "choices": [{"index": i, "text": delta, "finish_reason": None}]})
+                                yield chunk(i, delta={"reasoning_content" if kind == "reasoning" else "content": delta})
+                        else:  # the ids handed out so far (a budgeted thought's line may still be cut back)
+                            sent = texts[i].text
+                            texts[i].feed(new[:-1] if fin and new and new[-1] == runner.eos else new, final=fin)
+                            text = _cut(texts[i].text, r.params.stop) if fin and r.params.stop else texts[i].text
+                            if len(text) > len(sent):
+                                yield chunk(i, text=text[len(sent):])
                         if fin:
-                            last = {"index": i, "finish_reason": finish(r)}
-                            last.update({"delta": {}} if chat else {"text": ""})
-                            yield _sse({"id": cid, "object": obj, "created": created, "model": model_name,
-                                        "choices": [last]})
-                        else:
-                            pending[i] = asyncio.ensure_future(handles[i].queue.get())
-                reqs = [h.request for h in handles]
+                            yield chunk(i, finish_reason=finish(r), **({"delta": {}} if chat else {"text": ""}))
                 yield _sse({"id": cid, "object": obj, "created": created, "model": model_name, "choices": [],
-                            "usage": usage(reqs, splits)})
+                            "usage": usage(g.requests, splits)})
                 yield "data: [DONE]\n\n"
-                done_stats()
             finally:  # also on client disconnect: abort and free the cache
-                for h in handles:
-                    runner.cancel(h)
+                runner.cancel(g)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -445,15 +366,53 @@ def main(args) -> None:
         except OSError as e:
             raise NanoseekError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") \
                 from None
-    model = from_pretrained(args.checkpoint)
-    if model.tokenizer is None:
-        raise NanoseekError(f"{args.checkpoint} has no tokenizer.json; serving needs one")
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, compile=getattr(args, "compile", False))
-    name = args.model_name or model.args.extra.get("_name_or_path") or "nanoseek"
-    app = create_app(engine, name, args.api_key, args.max_queue)
+    tok, margs = load_front(args.checkpoint)
+    spec = CoreSpec(str(args.checkpoint), args.max_batch, args.max_len, args.compile, args.speculative, args.threads,
+                    args.stream_interval / 1000)
+    if args.speculative and not margs.num_nextn_predict_layers:
+        raise NanoseekError("--speculative needs the MTP module, and this checkpoint has none")
+    print(f"starting the engine process ({args.threads} threads): loading {args.checkpoint}"
+          + (", compiling the decode step (seconds once cached; --no-compile skips it)" if args.compile else "")
+          + "...", flush=True)
+    core = CoreClient(spec, tok, margs.vocab_size, args.max_queue)
+    info = core.start()
+    if args.compile:
+        print(f"  compiled in {info['warm_up_s']:.1f} s" if info["compiled"] else
+              f"  torch.compile is unavailable here ({info['compile_error']}); decoding eagerly", flush=True)
+    name = args.model_name or margs.extra.get("_name_or_path") or "nanoseek"
+    app = create_app(core, name, args.api_key, args.max_queue)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    core.on_death = lambda why: setattr(server, "should_exit", True)
     print(f"serving {args.checkpoint} as '{name}' on http://{args.host}:{args.port} "
-          f"(OpenAI API at /v1, chat page at /)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+          f"(OpenAI API at /v1, chat page at /, metrics at /metrics)", flush=True)
+    try:
+        server.run()
+    finally:
+        core.stop()
+    if core.dead:
+        raise NanoseekError(f"{core.dead}; the server stopped")
+
+
+def load_front(checkpoint) -> tuple:
+    """What the HTTP side needs of a checkpoint: its tokenizer and config (the weights load in the engine process)."""
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise NanoseekError(f"{checkpoint} holds no config.json: not a checkpoint directory")
+    if not (path / "tokenizer.json").is_file():
+        raise NanoseekError(f"{checkpoint} has no tokenizer.json; serving needs one")
+    try:
+        margs = ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise NanoseekError(f"{checkpoint}/config.json is not a model config: {e}") from None
+    return Tokenizer.from_dir(path), margs
+
+
+def default_threads() -> int:
+    """torch's default intra-op threads (the cores) less one, kept for the HTTP side: on a 2-core machine a second
+    intra-op thread made `nanoseek serve` 2x slower at bs=1 (it fought the HTTP thread and the clients for a core;
+    bench/RESULTS.md, "Serving")."""
+    return max(1, torch.get_num_threads() - 1)
 
 
 def add_args(sp) -> None:
@@ -463,7 +422,12 @@ def add_args(sp) -> None:
     sp.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on every route but /health")
     sp.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sp.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    sp.add_argument("--compile", action="store_true",
-                    help="torch.compile the decode step (several times faster per token; compiles on first use)")
+    add_decode_args(sp)
+    sp.add_argument("--threads", type=int, default=default_threads(),
+                    help="the engine process's intra-op CPU threads (default: all cores but one, which the HTTP "
+                         f"process and its clients get, as vLLM's CPU backend reserves one; here {default_threads()})")
+    sp.add_argument("--stream-interval", type=float, default=20.0, metavar="MS",
+                    help="a stream's tokens go out at most every MS milliseconds after its first (default 20: 50 "
+                         "updates a second; 0: every token, which costs a fast CPU model a third of its speed)")
     sp.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
     sp.add_argument("--model-name", default=None, help="the model id clients use (default: nanoseek)")
