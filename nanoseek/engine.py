@@ -149,6 +149,13 @@ class KVCache:
 
 
 @functools.cache
+def compiled_draft():
+    """The MTP module's cached forward (`Transformer.mtp_forward_cached`) through torch.compile: speculative decoding's
+    drafts after each verify (1 or 2 new tokens: two graphs)."""
+    return torch.compile(Transformer.mtp_forward_cached, options={"cpp_wrapper": True})
+
+
+@functools.cache
 def compiled_forward():
     """The model's cached forward (`Transformer.forward_cached`) through torch.compile, once per process; it compiles
     on the first call per new shape. The C++ wrapper (inductor's cpp_wrapper) runs the graph's ~40 kernels without a
@@ -271,10 +278,8 @@ class Engine:
             try:
                 return compiled_forward()(self.model, ids, self.cache.kv, self.cache.pe, slots, start, True,
                                           self.max_len)[0][:, -1]
-            except Exception as e:  # the compiler is optional: say why once, then decode eagerly
-                self.compile, self.compile_error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]:.200}"
-                warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on "
-                              f"({self.compile_error})")
+            except Exception as e:
+                self._compile_failed(e)
         return self.forward(ids, slots, start, absorb=self.absorb)[0][:, -1]
 
     def warm_up(self) -> float:
@@ -291,6 +296,8 @@ class Engine:
                 warnings.simplefilter("ignore")  # a failure is in compile_error; the caller says it in one line
                 for n in sorted({1, min(2, len(self.free))}):
                     self.generate([[self.eos if self.eos >= 0 else 0] * 2] * n, params)
+                if self.speculative:  # the verify and draft graphs
+                    self.generate([[0, 1, 2]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
         finally:
             self.waiting, self.running = busy
         return time.perf_counter() - t
@@ -298,19 +305,43 @@ class Engine:
     @torch.no_grad()
     def draft(self, h: torch.Tensor, next_ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its logits
-        [V] for the token after the last of next_ids."""
-        logits = self.model.mtp_forward_cached(h[None], next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe,
-                                               torch.tensor([slot], device=self.device),
-                                               torch.tensor([start], device=self.device), self.absorb)
-        return logits[0]
+        [V] for the token after the last of next_ids. Compiled (compile=True) for the 1 or 2 tokens after a verify;
+        the prompt's draft after prefill runs eagerly."""
+        args = (h[None], next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe, torch.tensor([slot], device=self.device),
+                torch.tensor([start], device=self.device))
+        if self.compile and len(next_ids) <= 2:
+            torch._dynamo.mark_static(args[1], 1)
+            try:
+                return compiled_draft()(self.model, *args, True, self.max_len)[0]
+            except Exception as e:
+                self._compile_failed(e)
+        return self.model.mtp_forward_cached(*args, self.absorb)[0]
+
+    @torch.no_grad()
+    def _forward_step(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
+        """A few tokens per sequence (speculative verify: [next, draft]) -> logits [n, T, V] and h [n, T, D];
+        compiled (one static graph per T) when compile=True."""
+        if self.compile:
+            torch._dynamo.mark_static(ids, 1)  # a graph per T, not a dynamic T (which the MoE's branches refuse)
+            try:
+                return compiled_forward()(self.model, ids, self.cache.kv, self.cache.pe, slots, start, True,
+                                          self.max_len)
+            except Exception as e:
+                self._compile_failed(e)
+        return self.forward(ids, slots, start, absorb=self.absorb)
+
+    def _compile_failed(self, e: Exception) -> None:
+        """The compiler is optional: say why once, then run eagerly."""
+        self.compile, self.compile_error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]:.200}"
+        warnings.warn(f"nanoseek: the compiled decode step failed, decoding eagerly from now on ({self.compile_error})")
 
     def _verify(self, r: Request) -> None:
         """One speculative step: run [x_L, draft] in one forward; keep the draft if the model agrees (two tokens
         this step), else take the model's token (one); then draft again with MTP."""
         L = len(r.prompt) + len(r.output) - 1  # cache length; output[-1] is not in it yet
         ids = torch.tensor([[r.output[-1], r.draft]], device=self.device)
-        logits, h = self.forward(ids, torch.tensor([r.slot], device=self.device),
-                                 torch.tensor([L], device=self.device), absorb=self.absorb)
+        logits, h = self._forward_step(ids, torch.tensor([r.slot], device=self.device),
+                                       torch.tensor([L], device=self.device))
         self.spec_stats["drafted"] += 1
         first = self._ban_stops(r, logits[0, 0].float())
         if r.params.temperature == 0:

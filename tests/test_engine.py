@@ -334,3 +334,16 @@ def test_min_tokens_and_ignore_eos(model):
     assert len(r.output) == 12 and r.output[:3] == free[:3] and r.finish_reason == "length"
     with pytest.raises(NanoseekError):
         SamplingParams(max_tokens=4, min_tokens=5).validate()
+
+
+def test_compiled_speculative_equals_plain_greedy(model):
+    """MTP speculative decoding with the verify and the draft compiled gives plain greedy decoding's tokens."""
+    ps, sp = prompts()[:2], SamplingParams(max_tokens=14, temperature=0)
+    plain = Engine(model, max_batch=2)
+    plain.eos = -1
+    ref = [r.output for r in plain.generate(ps, sp)]
+    eng = Engine(model, max_batch=2, speculative=True, compile=True)
+    eng.eos = -1
+    eng.warm_up()
+    assert [r.output for r in eng.generate(ps, sp)] == ref
+    assert eng.compile and eng.spec_stats["drafted"] > 0  # compiled all the way: no fallback

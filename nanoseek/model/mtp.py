@@ -38,7 +38,8 @@ class MTPModule(nn.Module):
         """h_prev [B, T, D] (depth k-1), emb_next [B, T, D] = Emb(x_{t+k}) -> h^k [B, T, D] (before the head norm)."""
         return self.block(self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1)), cos, sin, mask)
 
-    def forward_cached(self, h_prev, emb_next, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True):
+    def forward_cached(self, h_prev, emb_next, cos, sin, cache_kv, cache_pe, slots, start, absorb: bool = True,
+                       length: int | None = None):
         """The same over the module's own latent cache (speculative decoding's drafts): see MLA.forward_cached."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block.forward_cached(x, cos, sin, cache_kv, cache_pe, slots, start, absorb)
+        return self.block.forward_cached(x, cos, sin, cache_kv, cache_pe, slots, start, absorb, length)

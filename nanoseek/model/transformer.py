@@ -88,7 +88,8 @@ class Transformer(nn.Module):
         h = self.norm(x)
         return self.lm_head(h), h
 
-    def mtp_forward_cached(self, h, next_ids, cache_kv, cache_pe, slots, start, absorb: bool = True):
+    def mtp_forward_cached(self, h, next_ids, cache_kv, cache_pe, slots, start, absorb: bool = True,
+                           length: int | None = None):
         """MTP depth 1 over its own latent cache: h [n, T, D] (the main model's final hidden states at positions
         start..) and next_ids [n, T] (the tokens after them) -> logits [n, V] for the token after the last of
         next_ids (the draft; the cache is written for all T)."""
@@ -96,7 +97,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(pos)
         module = self.mtp[0]
         x = module.forward_cached(h, self.embed_tokens(next_ids), cos, sin, cache_kv[0], cache_pe[0], slots, start,
-                                  absorb)
+                                  absorb, length)
         return self.lm_head(module.shared_head.norm(x[:, -1]))
 
     def mtp_forward(self, h, input_ids, cos, sin) -> list[torch.Tensor]:
