@@ -34,18 +34,20 @@ class Recorder:
 
     def __init__(self):
         self.records: list[tuple] = []
+        self.counts: dict[str, float] = {}  # counters add up between two shipments
 
     def observe(self, name: str, value: float) -> None:
         self.records.append(("observe", name, value))
 
     def inc(self, name: str, n: float = 1) -> None:
-        self.records.append(("inc", name, n))
+        self.counts[name] = self.counts.get(name, 0) + n
 
     def finished(self, reason: str) -> None:
         self.records.append(("finished", reason))
 
     def take(self) -> list[tuple]:
-        out, self.records = self.records, []
+        out = self.records + [("inc", name, n) for name, n in self.counts.items()]
+        self.records, self.counts = [], {}
         return out
 
 

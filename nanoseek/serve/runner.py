@@ -119,10 +119,11 @@ class Streams:
                 sink.finished(r.finish_reason)
             if new or r.done:
                 out.append((r, new))
-        drafted, accepted = engine.spec_stats["drafted"], engine.spec_stats["accepted"]
-        sink.inc("drafts", drafted - self.spec_seen[0])
-        sink.inc("accepted", accepted - self.spec_seen[1])
-        self.spec_seen = (drafted, accepted)
+        if engine.speculative:
+            drafted, accepted = engine.spec_stats["drafted"], engine.spec_stats["accepted"]
+            sink.inc("drafts", drafted - self.spec_seen[0])
+            sink.inc("accepted", accepted - self.spec_seen[1])
+            self.spec_seen = (drafted, accepted)
         return out
 
 
