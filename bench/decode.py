@@ -131,8 +131,8 @@ def main():
 
 
 def speculative(checkpoint: str, data: str | None, n_prompts: int = 8, new: int = 64):
-    """MTP speculative decoding on a trained checkpoint (its MTP module trained with it): greedy tokens/s with and
-    without drafts, and the share of drafts accepted."""
+    """MTP speculative decoding on a trained checkpoint (its MTP module trained with it): tokens/s with and without
+    drafts (both compiled: the decode step, the verify and the draft), and the share of drafts accepted."""
     import json
     from pathlib import Path
 
@@ -144,8 +144,10 @@ def speculative(checkpoint: str, data: str | None, n_prompts: int = 8, new: int 
     prompts = [tok.encode(f"Problem: {json.loads(l)['question'].strip()}\nSolution:\n", bos=True) for l in lines]
     for temperature in (0.0, 0.6):
         res = {}
-        for spec in (False, True, False, True):
-            eng = Engine(model, max_batch=1, speculative=spec)
+        for spec in (False, True, False, True):  # compiled, as chat and serve decode by default
+            eng = Engine(model, max_batch=1, speculative=spec, compile=True)
+            eng.warm_up()
+            eng.spec_stats = {"drafted": 0, "accepted": 0}
             t = time.perf_counter()
             outs = [eng.generate([p], SamplingParams(max_tokens=new, temperature=temperature, top_p=0.95, seed=i))[0]
                     .output for i, p in enumerate(prompts)]

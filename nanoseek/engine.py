@@ -296,8 +296,11 @@ class Engine:
                 warnings.simplefilter("ignore")  # a failure is in compile_error; the caller says it in one line
                 for n in sorted({1, min(2, len(self.free))}):
                     self.generate([[self.eos if self.eos >= 0 else 0] * 2] * n, params)
-                if self.speculative:  # the verify and draft graphs
-                    self.generate([[0, 1, 2]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+                if self.speculative:  # the verify graph, and the draft's after one and two accepted tokens
+                    self.generate([[0, 1, 2]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+                    for n in (1, 2):  # (into rows a request's prefill overwrites before anything reads them)
+                        self.draft(torch.zeros(n, self.args.hidden_size, device=self.device, dtype=self.cache.dtype),
+                                   torch.zeros(n, dtype=torch.long, device=self.device), 0, 0)
         finally:
             self.waiting, self.running = busy
         return time.perf_counter() - t
@@ -307,8 +310,9 @@ class Engine:
         """MTP depth 1 over positions start.. (inputs h_t and Emb(x_{t+1})), writing its cache; returns its logits
         [V] for the token after the last of next_ids. Compiled (compile=True) for the 1 or 2 tokens after a verify;
         the prompt's draft after prefill runs eagerly."""
-        args = (h[None], next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe, torch.tensor([slot], device=self.device),
-                torch.tensor([start], device=self.device))
+        # h copied: a view of the verify's output would make the compiled draft recompile (a guard on its base)
+        args = (h[None].clone(), next_ids[None], self.mtp_cache.kv, self.mtp_cache.pe,
+                torch.tensor([slot], device=self.device), torch.tensor([start], device=self.device))
         if self.compile and len(next_ids) <= 2:
             torch._dynamo.mark_static(args[1], 1)
             try:
