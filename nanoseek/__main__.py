@@ -1,3 +1,6 @@
-from nanoseek.cli import main
 import sys
-sys.exit(main())
+
+from nanoseek.cli import main
+
+if __name__ == "__main__":  # (not when a spawned process, serve's engine, imports it)
+    sys.exit(main())

@@ -46,19 +46,19 @@ def run_core(conn, spec: CoreSpec) -> None:
     """The engine process's entry: load, compile, say ready (or why not), then serve messages until told to stop or
     until the front end is gone."""
     try:
-        torch.set_num_threads(spec.threads)
-        engine = Engine(from_pretrained(spec.checkpoint), max_batch=spec.max_batch, max_len=spec.max_len,
-                        compile=spec.compile, speculative=spec.speculative)
-        took = engine.warm_up()
-    except (NanoseekError, OSError, ValueError, RuntimeError) as e:
-        conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, NanoseekError) else str(e)))
-        return
-    conn.send(("ready", {"compiled": engine.compile, "compile_error": engine.compile_error, "warm_up_s": took,
-                         "max_len": engine.max_len, "slots": spec.max_batch}))
-    try:
+        try:
+            torch.set_num_threads(spec.threads)
+            engine = Engine(from_pretrained(spec.checkpoint), max_batch=spec.max_batch, max_len=spec.max_len,
+                            compile=spec.compile, speculative=spec.speculative)
+            took = engine.warm_up()
+        except (NanoseekError, OSError, ValueError, RuntimeError) as e:
+            conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, NanoseekError) else str(e)))
+            return
+        conn.send(("ready", {"compiled": engine.compile, "compile_error": engine.compile_error, "warm_up_s": took,
+                             "max_len": engine.max_len, "slots": spec.max_batch}))
         Core(engine, conn, spec.stream_interval).run()
     except (KeyboardInterrupt, EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # Ctrl-C reaches both processes; the front end says it
+        pass  # Ctrl-C reaches both processes (the front end says it), or the front end is gone
 
 
 class Core:
@@ -139,7 +139,10 @@ class CoreClient:
         while not self.conn.poll(0.5):
             if not self.proc.is_alive():
                 raise NanoseekError(f"the engine process exited (code {self.proc.exitcode}) before it was ready")
-        kind, info = self.conn.recv()
+        try:
+            kind, info = self.conn.recv()
+        except EOFError:
+            raise NanoseekError("the engine process ended before it was ready") from None
         if kind == "error":
             self.proc.join(timeout=10)
             raise NanoseekError(f"the engine process could not start: {info}")
