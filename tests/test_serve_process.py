@@ -152,17 +152,20 @@ def test_cancellation_under_load_frees_every_slot(server):
         time.sleep(0.2)
     m = metrics(server)
     assert m[("nanoseek:kv_cache_slots_used", None, None)] == 0
-    assert m[("nanoseek:num_requests_running", None, None)] == 0 and m[("nanoseek:num_requests_waiting", None, None)] == 0
+    assert m[("nanoseek:num_requests_running", None, None)] == 0
+    assert m[("nanoseek:num_requests_waiting", None, None)] == 0
     ended = {k[2]: v - before.get(k, 0) for k, v in m.items() if k[0] == "nanoseek:request_success_total"}
     assert sum(ended.values()) == 16 and ended.get("abort", 0) >= 1, ended  # (a vanished client is noticed when
     # the server next writes to it, so a short request may end before that)
-    r = client(server).chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "again"}], max_tokens=3)
+    r = client(server).chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "again"}],
+                                               max_tokens=3)
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
 def test_eager_server_stops_on_ctrl_c_and_mistakes_are_one_line(ckpt, tmp_path):
     proc, port = start(ckpt, "--no-compile", "--stream-interval", "0")
-    r = client(port).chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    r = client(port).chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=4)
     assert r.usage.completion_tokens <= 4
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)

@@ -371,7 +371,8 @@ def main(args) -> None:
                     args.stream_interval / 1000)
     if args.speculative and not margs.num_nextn_predict_layers:
         raise NanoseekError("--speculative needs the MTP module, and this checkpoint has none")
-    print(f"starting the engine process ({args.threads} thread{'s' if args.threads > 1 else ''}): loading {args.checkpoint}"
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    print(f"starting the engine process ({threads}): loading {args.checkpoint}"
           + (", compiling the decode step (seconds once cached; --no-compile skips it)" if args.compile else "")
           + "...", flush=True)
     core = CoreClient(spec, tok, margs.vocab_size, args.max_queue)

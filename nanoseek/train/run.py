@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.checkpoint import atomic_write, save_pretrained
+from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
@@ -45,6 +46,9 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--usd-per-hour", type=float, default=2.0, help="price of one device-hour for the ledger")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 training as DeepSeek-V3 (nanoseek/fp8.py: 1x128 activation tiles, 128x128 weight blocks, "
+                        "all three GEMMs; emulated exactly on CPU); master weights and optimizer state stay FP32")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
     g.add_argument("--wandb", action="store_true",
@@ -191,6 +195,8 @@ class Run:
         """Wrap the model for the ranks, build AdamW over its trainable parameters (its resumed state loaded), open
         the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
+        if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
+            fp8.convert(model)
         wrapped = wrap(model, self.d, parallel)
         self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
                                      fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps the parameters
