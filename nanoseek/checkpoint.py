@@ -96,6 +96,17 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     return w.float() * s
 
 
+def check_scale(name: str, scale: torch.Tensor, shape, block) -> torch.Tensor:
+    """A weight's block scales must be [ceil(M/bm), ceil(N/bn)], finite and positive: else one line naming it."""
+    want = tuple(-(-d // b) for d, b in zip(shape, block))
+    if tuple(scale.shape) != want:
+        raise NanoseekError(f"{name} has shape {list(scale.shape)}; a {list(shape)} weight in {list(block)} blocks "
+                            f"needs {list(want)}: the checkpoint is corrupt")
+    if not torch.isfinite(scale.float()).all() or (scale.float() <= 0).any():
+        raise NanoseekError(f"{name} holds non-finite or non-positive scales: the checkpoint is corrupt")
+    return scale
+
+
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse, as DeepSeek stores weights: per block, scale = amax/448, stored e4m3 = w / scale (edges padded)."""
     M, N = w.shape
@@ -138,12 +149,26 @@ def generation_config(args: ModelArgs) -> dict:
             "do_sample": True, "temperature": 0.6, "top_p": 0.95}  # R1's recommended sampling
 
 
-def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None) -> None:
+# the weights DeepSeek publishes in FP8 (e4m3, 128x128 blocks): MLA's projections, the dense, shared and routed
+# experts' MLPs; the embedding, head, norms, router gate and bias, and the MTP layer's eh_proj stay high precision
+FP8_EXPORT_RE = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+                           r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None,
+                      fp8: bool = False) -> None:
     """Write the weights (sharded above max_shard_size), config.json, generation_config.json and the tokenizer into
     the directory `out` (not atomic by itself: callers write into a temporary directory and rename it).
-    `state_dict`: a full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards)."""
+    `state_dict`: a full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards).
+    fp8: the layout DeepSeek publishes: the FP8_EXPORT_RE weights as float8_e4m3fn with a float32 `weight_scale_inv`
+    per 128x128 block ([ceil(out/128), ceil(in/128)]), and `quantization_config` in config.json."""
     limit = _parse_size(max_shard_size)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf(model, state_dict).items()}
+    high = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if fp8:
+        for name in [n for n in tensors if FP8_EXPORT_RE.search(n)]:
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name])
     shards, cur, size = [], [], 0
     for n in sorted(tensors, key=_natural_key):
         nbytes = tensors[n].numel() * tensors[n].element_size()
@@ -164,8 +189,12 @@ def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | st
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     args = model.args
-    args.torch_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    args.to_json(out / "config.json")
+    args.torch_dtype, quant = high, args.quantization_config
+    args.quantization_config = dict(FP8_CONFIG) if fp8 else None
+    try:
+        args.to_json(out / "config.json")
+    finally:
+        args.quantization_config = quant
     (out / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(out)
@@ -217,14 +246,15 @@ def atomic_dir(path: Path, write, replace: bool = True) -> Path:
     return path
 
 
-def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None) -> Path:
+def save_pretrained(model, path, tokenizer=None, max_shard_size: int | str = "5GB", state_dict=None,
+                    fp8: bool = False) -> Path:
     """Write model (+ tokenizer) to directory `path` atomically. An existing checkpoint there is replaced as a whole;
     a non-empty directory that is not a checkpoint is refused, so nothing of the user's is ever overwritten."""
     path = Path(path)
     _parse_size(max_shard_size)  # a bad size is reported before anything is written
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists())):
         raise NanoseekError(f"refusing to overwrite {path}: it exists and is not a checkpoint directory")
-    return atomic_dir(path, lambda tmp: write_model_files(model, tmp, tokenizer, max_shard_size, state_dict))
+    return atomic_dir(path, lambda tmp: write_model_files(model, tmp, tokenizer, max_shard_size, state_dict, fp8))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +308,7 @@ def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtyp
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if name + "_scale_inv" not in scales:
                 raise NanoseekError(f"FP8 tensor {name} has no {name}_scale_inv beside it")
-            t = dequantize_fp8(t, scales[name + "_scale_inv"], block)
+            t = dequantize_fp8(t, check_scale(name + "_scale_inv", scales[name + "_scale_inv"], t.shape, block), block)
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
             t = t.to(dtype)  # the router bias stays fp32
         mapped = hf_to_internal(name, L)

@@ -104,8 +104,9 @@ def cmd_convert(args):
     from nanoseek import from_pretrained
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     model = from_pretrained(args.src, dtype=dtype)
-    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
-    print(f"{args.src} -> {args.dst} ({args.dtype}, DeepseekV3ForCausalLM layout)")
+    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size, fp8=args.fp8)
+    what = f"FP8 e4m3 in 128x128 blocks, the rest {args.dtype}" if args.fp8 else args.dtype
+    print(f"{args.src} -> {args.dst} ({what}, DeepseekV3ForCausalLM layout)")
 
 
 # ---- demo: a few-second smoke test of the whole stack -----------------------------------------------------------
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dst", help="destination directory (must not hold anything but a checkpoint)")
     sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype to write")
     sp.add_argument("--max-shard-size", default="5GB", help="split files above this size (default 5GB)")
+    sp.add_argument("--fp8", action="store_true",
+                    help="write DeepSeek's published FP8 layout: MLA and MLP/expert weights as float8_e4m3fn with a "
+                         "float32 weight_scale_inv per 128x128 block, quantization_config in config.json")
     sp.set_defaults(fn=cmd_convert)
     return p
 

@@ -125,3 +125,36 @@ def test_tiny_model_trains_in_fp8_close_to_full_precision():
     # from ln(300) = 5.7 both fall below 3, and end within 10% of each other (the ≤ 0.25% figure is V3's at scale;
     # bench/RESULTS.md has the speedrun's 600 steps)
     assert max(losses.values()) < 3 and abs(losses[True] - losses[False]) / losses[False] < 0.1, losses
+
+
+def test_fp8_export_loads_back_and_corrupt_scales_are_one_line(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.model import from_pretrained
+    torch.manual_seed(0)
+    model = build_model(ModelArgs.from_dict({**CFG, "hidden_size": 160, "moe_intermediate_size": 48}).validate())
+    model.save_pretrained(tmp_path / "fp8", fp8=True)
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}
+    t = load_file(tmp_path / "fp8" / "model.safetensors")
+    q = "model.layers.1.self_attn.q_a_proj.weight"
+    assert t[q].dtype == torch.float8_e4m3fn and t[q + "_scale_inv"].shape == (1, 2)  # [32, 160]: edge blocks
+    assert t["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
+    for hp in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight", "model.norm.weight",
+               "model.layers.2.eh_proj.weight"):
+        assert t[hp].dtype == torch.float32, hp  # kept high precision, as in the published checkpoints
+    back = from_pretrained(tmp_path / "fp8")
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.allclose(a, b, rtol=2 ** -4, atol=1e-2 * max(a.abs().max().item(), 1e-6)), name
+    ids = torch.randint(3, 300, (1, 12))
+    assert torch.allclose(model(ids), back(ids), atol=0.1)
+    for bad, needle in ((torch.ones(2, 2), "has shape"), (torch.full((1, 2), float("nan")), "non-finite")):
+        broken = dict(t)
+        broken[q + "_scale_inv"] = bad
+        save_file(broken, tmp_path / "fp8" / "model.safetensors")
+        with pytest.raises(NanoseekError, match=needle) as e:
+            from_pretrained(tmp_path / "fp8")
+        assert q + "_scale_inv" in str(e.value)

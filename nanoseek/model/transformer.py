@@ -153,9 +153,11 @@ class Transformer(nn.Module):
             m.tokens_per_expert.zero_()
         return self
 
-    def save_pretrained(self, path, tokenizer=None, max_shard_size: int | str = "5GB") -> None:
-        """Write the DeepseekV3ForCausalLM layout (safetensors, config.json, tokenizer) atomically to path."""
-        checkpoint.save_pretrained(self, path, tokenizer=tokenizer or self.tokenizer, max_shard_size=max_shard_size)
+    def save_pretrained(self, path, tokenizer=None, max_shard_size: int | str = "5GB", fp8: bool = False) -> None:
+        """Write the DeepseekV3ForCausalLM layout (safetensors, config.json, tokenizer) atomically to path; fp8: the
+        published FP8 layout (see checkpoint.write_model_files)."""
+        checkpoint.save_pretrained(self, path, tokenizer=tokenizer or self.tokenizer, max_shard_size=max_shard_size,
+                                   fp8=fp8)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
