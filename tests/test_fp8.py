@@ -158,3 +158,23 @@ def test_fp8_export_loads_back_and_corrupt_scales_are_one_line(tmp_path):
         with pytest.raises(NanoseekError, match=needle) as e:
             from_pretrained(tmp_path / "fp8")
         assert q + "_scale_inv" in str(e.value)
+
+
+def test_adamw_with_bf16_moments_follows_adamw():
+    """V3 keeps AdamW's moments in BF16: the same steps as torch's AdamW up to BF16 rounding of the moments."""
+    from nanoseek.train.common import AdamWBF16Moments
+    torch.manual_seed(0)
+    a = nn.Linear(64, 32)
+    b = nn.Linear(64, 32)
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ob = AdamWBF16Moments(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randn(16, 64)
+    for _ in range(10):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.bfloat16
+               for s in ob.state.values())
+    assert torch.allclose(a.weight, b.weight, atol=2e-3) and not torch.equal(a.weight, b.weight)

@@ -25,6 +25,38 @@ CKPT_RE = re.compile(r"^step_(\d{6,})$")
 
 # ---- optimizer and schedule ----------------------------------------------------------------------------------------
 
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW keeping its first and second moments in bfloat16, as DeepSeek-V3 does (§3.3.3), over FP32 master weights:
+    each step reads the moments, updates them in FP32 with the gradient, uses those FP32 values for the update and
+    stores them back rounded to BF16 (half the optimizer memory of torch's AdamW)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                st["step"] += 1
+                t = float(st["step"])
+                g = p.grad.float()
+                m = st["exp_avg"].float().lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * wd)
+                denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** t))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices; none on norms, biases and embeddings (the router bias is a buffer, never
     touched by the optimizer). Each group also lists its parameter names, for checkpoints."""

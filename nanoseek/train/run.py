@@ -31,8 +31,9 @@ from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
-from nanoseek.train.common import (Metrics, Progress, autocast_for, gather_full, load_optimizer_tensors, param_groups,
-                                   resume_latest, rng_state, save_training_checkpoint)
+from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, gather_full,
+                                   load_optimizer_tensors, param_groups, resume_latest, rng_state,
+                                   save_training_checkpoint)
 
 
 def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int) -> None:
@@ -49,6 +50,8 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
     g.add_argument("--fp8", action="store_true",
                    help="FP8 training as DeepSeek-V3 (nanoseek/fp8.py: 1x128 activation tiles, 128x128 weight blocks, "
                         "all three GEMMs; emulated exactly on CPU); master weights and optimizer state stay FP32")
+    g.add_argument("--bf16-moments", action="store_true",
+                   help="keep AdamW's first and second moments in bf16, as DeepSeek-V3 (half the optimizer memory)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
     g.add_argument("--wandb", action="store_true",
@@ -198,8 +201,11 @@ class Run:
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model)
         wrapped = wrap(model, self.d, parallel)
-        self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
-                                     fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps the parameters
+        if getattr(self.args, "bf16_moments", False):
+            self.opt = AdamWBF16Moments(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8)
+        else:
+            self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
+                                         fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps parameters
         if self._opt_state is not None:
             load_optimizer_tensors(self.opt, *self._opt_state)
         # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
