@@ -107,15 +107,22 @@ def check_scale(name: str, scale: torch.Tensor, shape, block) -> torch.Tensor:
     return scale
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse, as DeepSeek stores weights: per block, scale = amax/448, stored e4m3 = w / scale (edges padded)."""
+def fp8_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """The e4m3 scale of a tile or block from its max |value|: amax / 448 (448: the largest finite e4m3), or the power
+    of 2 above it (V3.1's ue8m0 "round" scales)."""
+    s = amax.float().clamp(min=1e-12) / 448.0
+    return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128),
+                 pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse, as DeepSeek stores weights: per block, scale = amax/448, stored e4m3 = w / scale; edge blocks
+    where a dimension is not a multiple of the block (their scale over the part that exists, as zero padding gives)."""
     M, N = w.shape
     bm, bn = block
     Mp, Np = -(-M // bm) * bm, -(-N // bn) * bn
-    padded = torch.zeros(Mp, Np, dtype=torch.float32)
-    padded[:M, :N] = w.float()
-    blocks = padded.view(Mp // bm, bm, Np // bn, bn)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    blocks = torch.nn.functional.pad(w.float(), (0, Np - N, 0, Mp - M)).view(Mp // bm, bm, Np // bn, bn)
+    scale = fp8_scale(blocks.abs().amax(dim=(1, 3)), pow2)
     q = (blocks / scale[:, None, :, None]).view(Mp, Np)[:M, :N].to(torch.float8_e4m3fn)
     return q, scale
 

@@ -176,6 +176,11 @@ def generate_all(model, tok, prompts: list[list[int]], params: list[SamplingPara
     return Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_len=max_len).generate(prompts, params)
 
 
+def output_text(tok, output: list[int], eos: int) -> str:
+    """A request's generated text, without its closing end-of-sequence token."""
+    return tok.decode(output[:-1] if output and output[-1] == eos else output)
+
+
 def make_request(rid: int, prompt: list[int], params: SamplingParams | None, max_len: int, vocab_size: int,
                  tok=None) -> Request:
     """A checked Request (NanoseekError says what is wrong), with whether the prompt leaves a thought open. Needs no
@@ -275,11 +280,7 @@ class Engine:
             if len(ids) > 1:  # continuous batching changes n every few steps: one graph for all n > 1
                 for t in (ids, slots, start):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-            try:
-                return compiled_forward()(self.model, ids, self.cache.kv, self.cache.pe, slots, start, True,
-                                          self.max_len)[0][:, -1]
-            except Exception as e:
-                self._compile_failed(e)
+            return self._forward_step(ids, slots, start)[0][:, -1]
         return self.forward(ids, slots, start, absorb=self.absorb)[0][:, -1]
 
     def warm_up(self) -> float:
@@ -323,8 +324,8 @@ class Engine:
 
     @torch.no_grad()
     def _forward_step(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
-        """A few tokens per sequence (speculative verify: [next, draft]) -> logits [n, T, V] and h [n, T, D];
-        compiled (one static graph per T) when compile=True."""
+        """A few tokens per sequence (a decode step, or speculative verify: [next, draft]) -> logits [n, T, V] and h
+        [n, T, D]; compiled (one static graph per T) when compile=True, eager if compiling fails."""
         if self.compile:
             torch._dynamo.mark_static(ids, 1)  # a graph per T, not a dynamic T (which the MoE's branches refuse)
             try:
@@ -537,8 +538,7 @@ class Engine:
         return admitted
 
     def text(self, r: Request) -> str:
-        """The generated text, without the end-of-sequence token."""
-        return self.tok.decode(r.output[:-1] if r.output and r.output[-1] == self.eos else r.output)
+        return output_text(self.tok, r.output, self.eos)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None):
         """Run prompts to completion (batched, continuous); returns their Requests in order."""

@@ -30,19 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoseek.checkpoint import dequantize_fp8, fp8_scale, quantize_fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Experts
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 TILE = 128  # V3's tile / block edge
 
 
 # ---- quantisation ---------------------------------------------------------------------------------------------------
-
-def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
-    s = amax.float().clamp(min=1e-12) / E4M3_MAX
-    return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s  # power-of-2 ("round") scales: V3.1's ue8m0
-
 
 def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (e4m3 [..., K], scales [..., ceil(K/128)]): one scale per row per 128 consecutive channels (the
@@ -50,7 +45,7 @@ def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     K = x.shape[-1]
     Kp = -(-K // TILE) * TILE
     padded = F.pad(x.float(), (0, Kp - K)).view(*x.shape[:-1], Kp // TILE, TILE)
-    scale = _scale(padded.abs().amax(-1), pow2)  # [..., K/128]
+    scale = fp8_scale(padded.abs().amax(-1), pow2)  # [..., K/128]
     q = (padded / scale[..., None]).view(*x.shape[:-1], Kp)[..., :K].to(torch.float8_e4m3fn)
     return q, scale
 
@@ -62,18 +57,12 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (e4m3 [N, K], scales [ceil(N/128), ceil(K/128)]): one scale per 128×128 block, edge blocks smaller
-    (the layout of DeepSeek's `weight_scale_inv`)."""
-    N, K = w.shape
-    Np, Kp = -(-N // TILE) * TILE, -(-K // TILE) * TILE
-    blocks = F.pad(w.float(), (0, Kp - K, 0, Np - N)).view(Np // TILE, TILE, Kp // TILE, TILE)
-    scale = _scale(blocks.abs().amax(dim=(1, 3)), pow2)
-    q = (blocks / scale[:, None, :, None]).view(Np, Kp)[:N, :K].to(torch.float8_e4m3fn)
-    return q, scale
+    (the layout of DeepSeek's `weight_scale_inv`: checkpoint.quantize_fp8, which writes FP8 checkpoints)."""
+    return quantize_fp8(w, (TILE, TILE), pow2)
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    N, K = q.shape
-    return q.float() * scale.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:N, :K]
+    return dequantize_fp8(q, scale, (TILE, TILE))
 
 
 def fake_tiles(x: torch.Tensor, pow2: bool) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import uvicorn
 
 from nanoseek.chat import Splitter, add_decode_args
+from nanoseek.checkpoint import checkpoint_has_mtp
 from nanoseek.config import ModelArgs
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
@@ -333,7 +334,7 @@ def create_app(engine: "Engine | CoreClient", model_name: str = "nanoseek", api_
                         else:  # the ids handed out so far (a budgeted thought's line may still be cut back)
                             sent = texts[i].text
                             texts[i].feed(new[:-1] if fin and new and new[-1] == runner.eos else new, final=fin)
-                            text = _cut(texts[i].text, r.params.stop) if fin and r.params.stop else texts[i].text
+                            text = r.text if fin and r.params.stop else texts[i].text  # r.text: cut at the stop
                             if len(text) > len(sent):
                                 yield chunk(i, text=text[len(sent):])
                         if fin:
@@ -396,16 +397,16 @@ def main(args) -> None:
 
 
 def load_front(checkpoint) -> tuple:
-    """What the HTTP side needs of a checkpoint: its tokenizer and config (the weights load in the engine process)."""
+    """What the HTTP side needs of a checkpoint: its tokenizer and config, read as from_pretrained reads them (the
+    weights load in the engine process)."""
     path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise NanoseekError(f"{checkpoint} holds no config.json: not a checkpoint directory")
+    if not path.is_dir():
+        raise NanoseekError(f"checkpoint directory {path} does not exist")
+    margs = ModelArgs.from_json(path / "config.json")
+    if margs.num_nextn_predict_layers and not checkpoint_has_mtp(path, margs):
+        margs.num_nextn_predict_layers = 0  # as from_pretrained: e.g. written by transformers, without the MTP layer
     if not (path / "tokenizer.json").is_file():
         raise NanoseekError(f"{checkpoint} has no tokenizer.json; serving needs one")
-    try:
-        margs = ModelArgs.from_dict(json.loads((path / "config.json").read_text()))
-    except (ValueError, TypeError) as e:
-        raise NanoseekError(f"{checkpoint}/config.json is not a model config: {e}") from None
     return Tokenizer.from_dir(path), margs
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.engine import Engine, Request, SamplingParams, make_request
+from nanoseek.engine import Engine, Request, SamplingParams, make_request, output_text
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.serve.metrics import Recorder
@@ -161,7 +161,7 @@ class CoreClient:
         return self._state
 
     def text(self, r: Request) -> str:
-        return self.tok.decode(r.output[:-1] if r.output and r.output[-1] == self.eos else r.output)
+        return output_text(self.tok, r.output, self.eos)
 
     def submit(self, prompt: list[int], params: list[SamplingParams]) -> Group:
         if self.dead:
