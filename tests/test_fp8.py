@@ -86,6 +86,8 @@ def test_convert_from_outside_and_high_precision():
     torch.manual_seed(0)
     model = build_model(ModelArgs.from_dict(CFG).validate())
     keys = set(model.state_dict())
+    ids = torch.randint(3, 300, (2, 16))
+    before = model(ids)
     names = fp8.convert(model)
     assert set(model.state_dict()) == keys  # same parameters, same checkpoint names
     kinds = {type(m) for n, m in model.named_modules() if n in names}
@@ -94,10 +96,10 @@ def test_convert_from_outside_and_high_precision():
         assert not any(x.split(".")[-1] == n for x in names), n
     assert any("q_a_proj" in n for n in names) and any("mtp" in n and "eh_proj" in n for n in names)
     assert any(n.endswith("mlp.experts") for n in names) and any("shared_experts" in n for n in names)
-    ids = torch.randint(3, 300, (2, 16))
-    logits = model(ids)[0] if isinstance(model(ids), tuple) else model(ids)
+    logits = model(ids)
     with fp8.high_precision():
-        ref = model(ids)[0] if isinstance(model(ids), tuple) else model(ids)
+        ref = model(ids)
+    assert torch.equal(ref, before)  # high precision is exactly the unconverted model
     assert not torch.equal(logits, ref) and torch.allclose(logits, ref, atol=0.05)
     with pytest.raises(NanoseekError):
         fp8.convert(nn.Sequential(nn.ReLU()))
