@@ -88,12 +88,17 @@ def hf_to_internal(name: str, L: int) -> tuple[str, int | None] | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # FP8
 
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """e4m3 weight [M, N] with fp32 scales [ceil(M/bm), ceil(N/bn)] -> fp32 weight; w · scale per block."""
-    M, N = w.shape
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                  dtype=torch.float32) -> torch.Tensor:
+    """e4m3 weight [..., M, N] with fp32 scales [..., ceil(M/bm), ceil(N/bn)] -> weight in `dtype`; w · scale per
+    block (leading dimensions: a stack of weights, e.g. the routed experts')."""
+    *lead, M, N = w.shape
     bm, bn = block
-    s = scale_inv.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:M, :N]
-    return w.float() * s
+    mb, nb = scale_inv.shape[-2:]
+    # padded to whole blocks and broadcast against the scales (not scales repeated to w's shape: inductor's CPU code
+    # for an e4m3 load times an indexed scale computes garbage in torch 2.13)
+    padded = torch.nn.functional.pad(w.float(), (0, nb * bn - N, 0, mb * bm - M)).view(*lead, mb, bm, nb, bn)
+    return (padded * scale_inv.float()[..., :, None, :, None]).view(*lead, mb * bm, nb * bn)[..., :M, :N].to(dtype)
 
 
 def check_scale(name: str, scale: torch.Tensor, shape, block) -> torch.Tensor:
@@ -301,22 +306,32 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtype=None) -> dict[str, torch.Tensor]:
-    """Read every tensor under `path`, dequantise FP8, and map to nanoseek names, checking names and shapes."""
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtype=None,
+                    keep_fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Read every tensor under `path`, dequantise FP8, and map to nanoseek names, checking names and shapes.
+    keep_fp8: FP8 weights stay as stored, each with its block scales beside it under `<name>_scale_inv` (the routed
+    experts' stacked: gate_up_proj_scale_inv [E, 2, ⌈I/b⌉, ⌈D/b⌉], gate's blocks then up's; down_proj_scale_inv
+    [E, ⌈D/b⌉, ⌈I/b⌉]); nanoseek.fp8.keep_fp8_weights takes them into the model."""
     raw = read_tensors(weight_files(Path(path)))
     scales = {k: raw.pop(k) for k in [k for k in raw if k.endswith("_scale_inv")]}
     block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
     L = args.num_hidden_layers
-    sd, experts = {}, {}
+    sd, experts, scaled = {}, {}, {}
     for name in list(raw):
         t = raw.pop(name)  # converted one by one, so peak memory stays near one copy of the weights
         if IGNORED_RE.search(name):
             continue
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = None
+        if t.dtype in FP8_DTYPES:
             if name + "_scale_inv" not in scales:
                 raise NanoseekError(f"FP8 tensor {name} has no {name}_scale_inv beside it")
-            t = dequantize_fp8(t, check_scale(name + "_scale_inv", scales[name + "_scale_inv"], t.shape, block), block)
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            scale = check_scale(name + "_scale_inv", scales[name + "_scale_inv"].float(), t.shape, block)
+            if not keep_fp8:
+                t, scale = dequantize_fp8(t, scale, block), None
+        if dtype is not None and t.is_floating_point() and scale is None and not name.endswith("e_score_correction_bias"):
             t = t.to(dtype)  # the router bias stays fp32
         mapped = hf_to_internal(name, L)
         if mapped is None:
@@ -324,9 +339,11 @@ def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtyp
         iname, e = mapped
         if e is None:
             sd[iname] = (name, t)
+            if scale is not None:
+                scaled[iname + "_scale_inv"] = scale
         else:
             base, proj = iname.rsplit(".", 1)
-            experts.setdefault(base, {}).setdefault(proj, {})[e] = (name, t)
+            experts.setdefault(base, {}).setdefault(proj, {})[e] = (name, t, scale)
     for base, projs in experts.items():  # per-expert tensors -> stacked gate_up_proj [E, 2I, D], down_proj [E, D, I]
         any_name = next(iter(next(iter(projs.values())).values()))[0]
         if base + ".gate_up_proj" not in expected:
@@ -340,16 +357,23 @@ def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtyp
                 if e not in parts:
                     hf = re.sub(r"experts\.\d+\.\w+\.weight$", f"experts.{e}.{proj}.weight", any_name)
                     raise NanoseekError(f"missing tensor {hf} (expert {e} of {n})")
-                name, t = parts[e]
+                name, t, _ = parts[e]
                 if tuple(t.shape) != want:
                     raise NanoseekError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(want)}")
             extra = sorted(set(parts) - set(range(n)))
             if extra:
                 raise NanoseekError(f"unexpected tensor {parts[extra[0]][0]}: config says n_routed_experts={n}")
-            stacked[proj] = [parts[e][1] for e in range(n)]
-        sd[base + ".gate_up_proj"] = (any_name, torch.stack([torch.cat([g, u]) for g, u in
-                                                             zip(stacked["gate_proj"], stacked["up_proj"])]))
-        sd[base + ".down_proj"] = (any_name, torch.stack(stacked["down_proj"]))
+            stacked[proj] = [parts[e][1:] for e in range(n)]
+        kept = {t.dtype in FP8_DTYPES for proj in stacked.values() for t, _ in proj}
+        if len(kept) > 1:
+            raise NanoseekError(f"the routed experts of {any_name.split('.experts.')[0]} mix FP8 and other dtypes")
+        gate, up, down = ([t for t, _ in stacked[p]] for p in ("gate_proj", "up_proj", "down_proj"))
+        sd[base + ".gate_up_proj"] = (any_name, torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)]))
+        sd[base + ".down_proj"] = (any_name, torch.stack(down))
+        if kept == {True}:
+            scaled[base + ".gate_up_proj_scale_inv"] = torch.stack(
+                [torch.stack([g[1], u[1]]) for g, u in zip(stacked["gate_proj"], stacked["up_proj"])])
+            scaled[base + ".down_proj_scale_inv"] = torch.stack([s for _, s in stacked["down_proj"]])
     out = {}
     for iname, (name, t) in sd.items():
         if iname not in expected:
@@ -360,7 +384,7 @@ def load_state_dict(path, args: ModelArgs, expected: dict[str, torch.Size], dtyp
     missing = [k for k in expected if k not in out]
     if missing:
         raise NanoseekError(f"missing tensor for {missing[0]} in {path}")
-    return out
+    return out | scaled
 
 
 def checkpoint_has_mtp(path: Path, args: ModelArgs) -> bool:

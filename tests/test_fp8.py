@@ -180,3 +180,72 @@ def test_adamw_with_bf16_moments_follows_adamw():
     assert all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.bfloat16
                for s in ob.state.values())
     assert torch.allclose(a.weight, b.weight, atol=2e-3) and not torch.equal(a.weight, b.weight)
+
+
+def test_dequantize_stacked_weights_block_by_block():
+    from nanoseek.checkpoint import dequantize_fp8, quantize_fp8
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 200, 130)
+    pairs = [[quantize_fp8(w[e, h]) for h in range(2)] for e in range(3)]
+    q = torch.stack([torch.stack([p[0] for p in row]) for row in pairs])
+    s = torch.stack([torch.stack([p[1] for p in row]) for row in pairs])
+    assert s.shape == (3, 2, 2, 2)
+    stacked = dequantize_fp8(q, s)
+    for e in range(3):
+        for h in range(2):
+            assert torch.equal(stacked[e, h], dequantize_fp8(*pairs[e][h]))
+    # compiled as a decode step compiles it (inductor once miscomputed an e4m3 load times a gathered scale)
+    assert torch.equal(torch.compile(dequantize_fp8)(q, s), stacked)
+
+
+def test_fp8_checkpoint_served_with_weights_in_fp8(tmp_path):
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.model import from_pretrained
+    torch.manual_seed(0)
+    model = build_model(ModelArgs.from_dict({**CFG, "hidden_size": 256, "moe_intermediate_size": 128,
+                                             "n_routed_experts": 4, "n_group": 1}).validate())
+    model.save_pretrained(tmp_path / "fp8", fp8=True)
+    plain = from_pretrained(tmp_path / "fp8")  # dequantised at load
+    kept = fp8.from_pretrained(tmp_path / "fp8")
+    assert isinstance(kept.layers[1].mlp.experts, fp8.FP8WeightExperts)
+    attn = kept.layers[1].self_attn
+    assert isinstance(attn.q_a_proj, fp8.FP8WeightLinear) and attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
+    assert type(attn.kv_b_proj) is nn.Linear and attn.kv_b_proj.weight.dtype == torch.float32  # read as a tensor
+    assert kept.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert kept.lm_head.weight.dtype == torch.float32 and kept.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert type(fp8.from_pretrained(tmp_path / "fp8", dequantize=True).layers[1].self_attn.q_a_proj) is nn.Linear
+    bf16 = fp8.weight_bytes(from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16))
+    ratio = fp8.weight_bytes(fp8.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)) / bf16
+    assert 0.5 < ratio < 0.7, ratio  # the quantised share at 1 byte + its scales; embedding, head, norms in bf16
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(kept(ids), plain(ids), atol=1e-5)
+    sp = SamplingParams(max_tokens=12, temperature=0.0)
+    want = [r.output for r in Engine(plain, max_batch=2).generate([[5, 6, 7], [9, 10]], sp)]
+    for compile in (False, True):
+        engine = Engine(kept, max_batch=2, compile=compile)
+        assert [r.output for r in engine.generate([[5, 6, 7], [9, 10]], sp)] == want, compile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernels_match_the_emulation():
+    """On Hopper the three GEMMs go through torch._scaled_mm with block scales; elsewhere they fall back (one warning)
+    to the emulation. Either way the result must be the emulation's, up to FP32 summation order."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 1024, device="cuda", requires_grad=True)
+    w = torch.randn(512, 1024, device="cuda", requires_grad=True)
+    dy_cpu = torch.randn(300, 512, generator=torch.Generator().manual_seed(1))
+    y = fp8.fp8_linear(x, w)
+    y.backward(dy_cpu.cuda())
+    xc, wc = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    yc = fp8.fp8_linear(xc, wc)
+    yc.backward(dy_cpu)  # the same upstream gradient as on the GPU
+    rel = lambda a, b: ((a.float().cpu() - b).norm() / b.norm()).item()
+    assert rel(y.detach(), yc.detach()) < 1e-5
+    assert rel(x.grad, xc.grad) < 1e-5 and rel(w.grad, wc.grad) < 1e-5
+    q, s = fp8.quantize_blocks(w.detach())
+    assert rel(fp8.fp8_weight_linear(x.detach(), q, s), fp8.fp8_linear(xc.detach(), wc.detach())) < 5e-2
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert fp8.native_calls >= 4, "on Hopper the block-scaled GEMMs must run natively, not emulated"
+    print(f"native block-scaled GEMMs run: {fp8.native_calls}")

@@ -195,3 +195,20 @@ def test_chat_command_compiled_by_default(ckpt):
         assert ("compiled in" in r.stderr) == (not flags), r.stderr
     assert outs[0] == outs[1] and "[thinking]" in outs[0]
     assert json.dumps(outs[0])  # plain text
+
+
+def test_chat_of_an_fp8_checkpoint_keeps_its_weights_in_fp8(ckpt, tmp_path):
+    """`nanoseek convert --fp8` then `chat`: the weights stay FP8 in memory (said on stderr) and answer as the same
+    checkpoint dequantised at load (--dequantize)."""
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "convert", str(ckpt), str(tmp_path / "fp8"), "--fp8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    outs = []
+    for flags in ([], ["--dequantize"]):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", "chat", "--checkpoint", str(tmp_path / "fp8"),
+                            "--prompt", "2+2?", "--temperature", "0", "--max-tokens", "12", "--no-color",
+                            "--no-compile", *flags], capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        assert ("FP8 weights kept in FP8" in r.stderr) == (not flags), r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]

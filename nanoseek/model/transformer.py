@@ -197,24 +197,30 @@ def build_model(args: ModelArgs, device="cpu", dtype=torch.float32, init: bool =
     return model
 
 
-def from_pretrained(path, device=None, dtype=None) -> Transformer:
-    """Load a DeepseekV3/V2ForCausalLM-format directory. dtype defaults to float32 on CPU, bfloat16 elsewhere."""
+def from_pretrained(path, device=None, dtype=None, fp8_weights=None) -> Transformer:
+    """Load a DeepseekV3/V2ForCausalLM-format directory. dtype defaults to float32 on CPU, bfloat16 elsewhere.
+    FP8 weights are dequantised to dtype, unless `fp8_weights` (a callable (model, state_dict), as
+    nanoseek.fp8.keep_fp8_weights) takes them as stored, with their scales, before they are loaded."""
     path = Path(path)
     if not path.is_dir():
         raise NanoseekError(f"checkpoint directory {path} does not exist")
     args = ModelArgs.from_json(path / "config.json")
     if args.num_nextn_predict_layers and not checkpoint.checkpoint_has_mtp(path, args):
         args.num_nextn_predict_layers = 0  # e.g. written by transformers, which drops the MTP layers
-    args.quantization_config = None  # FP8 weights are dequantised on load
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     model = build_model(args, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    sd = checkpoint.load_state_dict(path, args, expected, dtype=dtype)
+    sd = checkpoint.load_state_dict(path, args, expected, dtype=dtype, keep_fp8=fp8_weights is not None)
+    args.quantization_config = None  # the model's own weights are what it holds now
     for k, t in sd.items():
-        sd[k] = t.to(device=device, dtype=torch.float32 if k.endswith("e_score_correction_bias") else dtype)
+        kept = t.dtype in checkpoint.FP8_DTYPES or k.endswith("_scale_inv")  # as stored (fp8_weights)
+        sd[k] = t.to(device=device, dtype=t.dtype if kept else
+                     torch.float32 if k.endswith("e_score_correction_bias") else dtype)
+    if fp8_weights is not None:
+        fp8_weights(model, sd)
     model.load_state_dict(sd, strict=not args.tie_word_embeddings, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

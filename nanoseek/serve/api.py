@@ -369,7 +369,7 @@ def main(args) -> None:
                 from None
     tok, margs = load_front(args.checkpoint)
     spec = CoreSpec(str(args.checkpoint), args.max_batch, args.max_len, args.compile, args.speculative, args.threads,
-                    args.stream_interval / 1000)
+                    args.stream_interval / 1000, args.dequantize)
     if args.speculative and not margs.num_nextn_predict_layers:
         raise NanoseekError("--speculative needs the MTP module, and this checkpoint has none")
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
@@ -378,6 +378,8 @@ def main(args) -> None:
           + "...", flush=True)
     core = CoreClient(spec, tok, margs.vocab_size, args.max_queue)
     info = core.start()
+    if info.get("weights"):
+        print("  " + info["weights"], flush=True)
     if args.compile:
         print(f"  compiled in {info['warm_up_s']:.1f} s" if info["compiled"] else
               f"  torch.compile is unavailable here ({info['compile_error']}); decoding eagerly", flush=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek import fp8
 from nanoseek.engine import Engine, Request, SamplingParams, make_request, output_text
 from nanoseek.errors import NanoseekError
-from nanoseek.model import from_pretrained
 from nanoseek.serve.metrics import Recorder
 from nanoseek.serve.runner import Group, QueueFull, Streams, engine_state, safe_step
 
@@ -38,6 +38,7 @@ class CoreSpec:
     speculative: bool = False
     threads: int = 1
     stream_interval: float = 0.02  # seconds
+    dequantize: bool = False  # an FP8 checkpoint's weights dequantised at load (else kept in FP8)
 
 
 # ---- the engine process -------------------------------------------------------------------------------------------
@@ -48,14 +49,16 @@ def run_core(conn, spec: CoreSpec) -> None:
     try:
         try:
             torch.set_num_threads(spec.threads)
-            engine = Engine(from_pretrained(spec.checkpoint), max_batch=spec.max_batch, max_len=spec.max_len,
-                            compile=spec.compile, speculative=spec.speculative)
+            model = fp8.from_pretrained(spec.checkpoint, dequantize=spec.dequantize)
+            engine = Engine(model, max_batch=spec.max_batch, max_len=spec.max_len, compile=spec.compile,
+                            speculative=spec.speculative)
             took = engine.warm_up()
         except (NanoseekError, OSError, ValueError, RuntimeError) as e:
             conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, NanoseekError) else str(e)))
             return
         conn.send(("ready", {"compiled": engine.compile, "compile_error": engine.compile_error, "warm_up_s": took,
-                             "max_len": engine.max_len, "slots": spec.max_batch}))
+                             "max_len": engine.max_len, "slots": spec.max_batch,
+                             "weights": fp8.weights_line(model)}))
         Core(engine, conn, spec.stream_interval).run()
     except (KeyboardInterrupt, EOFError, BrokenPipeError, ConnectionResetError):
         pass  # Ctrl-C reaches both processes (the front end says it), or the front end is gone
