@@ -39,17 +39,21 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp") -> torch.nn.Module:
-    """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard` per block, then the root)."""
+def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp", ignored=()) -> torch.nn.Module:
+    """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard` per block, then the root). `ignored`:
+    parameter names the wrap leaves alone (expert-parallel shards, whose gradients expert_parallel reduces)."""
     if not d.enabled or mode == "none":
         return model
     if mode == "ddp":
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignored))
         # broadcast_buffers=False: the router's load counts are per rank until the trainer sums them
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
     if mode == "fsdp":
+        skip = {p for n, p in model.named_parameters() if n in set(ignored)}
         for block in list(model.layers) + [m.block for m in model.mtp]:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, ignored_params=skip or None)
+        fully_shard(model, ignored_params=skip or None)
         return model
     raise ValueError(mode)
 

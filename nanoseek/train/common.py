@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
+from nanoseek.expert_parallel import full_expert_tensor, local_slice
 from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files
 from nanoseek.errors import NanoseekError
 
@@ -97,15 +98,19 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def gather_full(model, opt) -> dict:
-    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters."""
+def gather_full(model, opt, ep=None) -> dict:
+    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters. Under EP the
+    expert shards are gathered into whole [E, ...] tensors (the published layout whatever the EP degree)."""
+    sharded = set(ep.names) if ep is not None else set()
     tensors, groups = {}, []
     for g in opt.param_groups:
         groups.append({k: v for k, v in g.items() if k != "params"})
         for name, p in zip(g["names"], g["params"]):
             for k, v in opt.state.get(p, {}).items():
+                v = full_expert_tensor(v, ep) if name in sharded and v.dim() > 0 else v
                 tensors[f"{name}::{k}"] = _full(v)
-    return {"model": {k: _full(v) for k, v in model.state_dict().items()}, "optimizer": tensors, "groups": groups}
+    sd = {k: _full(full_expert_tensor(v, ep) if k in sharded else v) for k, v in model.state_dict().items()}
+    return {"model": sd, "optimizer": tensors, "groups": groups}
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
@@ -121,6 +126,8 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
                 if not k.startswith(name + "::"):
                     continue
                 v = v.to(p.device)
+                if getattr(p, "ep_shard", None) is not None and v.dim() > 0:  # EP: this rank's experts
+                    v = local_slice(v, p)
                 if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP: keep only this rank's shard
                     v = distribute_tensor(v, p.device_mesh, p.placements)
                 state[k.split("::", 1)[1]] = v

@@ -260,8 +260,9 @@ def eval_and_sample(run: Run, evals: dict, tok, problems: list[dict]) -> dict:
     ev = {f"{name}_loss": run.held_out_loss(loader, min(run.args.eval_batches,
                                                         loader.n_windows // (loader.batch * loader.world)))
           for name, loader in evals.items()}
-    # under FSDP every rank must run the forwards; otherwise the main rank alone generates
-    rows = samples(run.model, tok, problems) if problems and (run.main or run.args.parallel == "fsdp") else []
+    # under FSDP or EP every rank must run the forwards (collectives inside); otherwise the main rank alone generates
+    every = run.args.parallel == "fsdp" or run.ep is not None
+    rows = samples(run.model, tok, problems) if problems and (run.main or every) else []
     run.log(ev, log="eval")
     for r in rows:
         run.logs["samples"].write({"step": run.step, **r})

@@ -75,6 +75,9 @@ def check_args(args) -> None:
                           "max_steps", "save_every", "keep", "eval_every", "eval_problems", "log_every"))
     if args.group < 2:
         raise NanoseekError("--group must be >= 2: advantages compare the completions of a group")
+    if args.ep > 1:  # each rank's rollouts take their own number of decode steps; EP's all-to-alls need them in step
+        raise NanoseekError("--ep is not supported by rl yet (rollouts of different lengths per rank would stall the "
+                            "expert all-to-all); use data parallelism, or pretrain/sft with --ep")
     if args.beta < 0 or args.clip_eps <= 0 or (args.clip_eps_high is not None and args.clip_eps_high <= 0):
         raise NanoseekError("--beta must be >= 0 and the clip ε > 0")
     if not 0 <= args.temperature <= 10 or not 0 < args.top_p <= 1:

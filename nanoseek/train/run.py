@@ -30,6 +30,7 @@ from nanoseek.checkpoint import atomic_write, save_pretrained
 from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
+from nanoseek.expert_parallel import EP
 from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, gather_full,
                                    load_optimizer_tensors, param_groups, resume_latest, rng_state,
@@ -50,8 +51,18 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
     g.add_argument("--fp8", action="store_true",
                    help="FP8 training as DeepSeek-V3 (nanoseek/fp8.py: 1x128 activation tiles, 128x128 weight blocks, "
                         "all three GEMMs; emulated exactly on CPU); master weights and optimizer state stay FP32")
+    g.add_argument("--fp8-pow2", action="store_true",
+                   help="with --fp8: power-of-2 scales (the power of 2 at or above amax/448, as DeepSeek-V3.1's ue8m0 "
+                        "scales), so that scaling is exact in the exponent")
+    g.add_argument("--save-fp8", action="store_true",
+                   help="write OUT/model in DeepSeek's published FP8 layout (e4m3 weights, 128x128 weight_scale_inv, "
+                        "quantization_config), as `nanoseek convert --fp8` does")
     g.add_argument("--bf16-moments", action="store_true",
                    help="keep AdamW's first and second moments in bf16, as DeepSeek-V3 (half the optimizer memory)")
+    g.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="expert parallelism under torchrun: the routed experts sharded over groups of N ranks, tokens "
+                        "dispatched and combined by all-to-all (N divides the ranks and n_routed_experts); the rest "
+                        "stays data parallel over all ranks, the global batch as without --ep")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
     g.add_argument("--wandb", action="store_true",
@@ -198,9 +209,17 @@ class Run:
         """Wrap the model for the ranks, build AdamW over its trainable parameters (its resumed state loaded), open
         the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
+        if getattr(self.args, "fp8_pow2", False) and not getattr(self.args, "fp8", False):
+            raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
+        self.ep = None
+        if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
+            if getattr(self.args, "fp8", False):
+                raise NanoseekError("--ep with --fp8 is not supported yet: choose one")
+            self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device)
+            self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
-            fp8.convert(model)
-        wrapped = wrap(model, self.d, parallel)
+            fp8.convert(model, pow2=self.args.fp8_pow2)
+        wrapped = wrap(model, self.d, parallel, ignored=self.ep.names if self.ep else ())
         if getattr(self.args, "bf16_moments", False):
             self.opt = AdamWBF16Moments(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8)
         else:
@@ -228,7 +247,16 @@ class Run:
         tensor); returned with their mean over ranks, the grad norm, `skipped` and the max/mean load per MoE layer.
         count: this is the loop's step (steps that are several optimizer steps count once, with count on the last);
         skipped_steps counts skipped optimizer steps."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if self.ep is not None:  # the expert shards' gradients to the data-parallel mean; the norm over all experts
+            self.ep.reduce_grads(self.model)
+            grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
+            coef = clip / (grad_norm.item() + 1e-6)
+            if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         names = list(losses)
         vals = torch.stack([losses[k].detach().float().reshape(()) for k in names]).to(self.d.device) if names \
@@ -302,7 +330,7 @@ class Run:
         """A complete training checkpoint (model, optimizer, the trainer's loop state + RNG, counters), written
         atomically by the main rank after every rank took part in gathering it; then the ledger."""
         st = {**state, "rng": rng_state(), "skipped_steps": self.skipped, "wall_seconds": self.wall()}
-        full = gather_full(self.model, self.opt)  # collective under FSDP
+        full = gather_full(self.model, self.opt, self.ep)  # collective under FSDP and EP
         if self.main:
             save_training_checkpoint(self.out, self.step, self.model, full, st, tok, self.args.keep)
             self.ledger(st["wall_seconds"])
@@ -325,9 +353,10 @@ class Run:
         """The final ledger and OUT/model (published layout, loadable by from_pretrained and transformers)."""
         self.progress.close()
         result = self.ledger()
-        final = gather_full(self.model, self.opt)["model"]  # collective under FSDP
+        final = gather_full(self.model, self.opt, self.ep)["model"]  # collective under FSDP and EP
         if self.main:
-            save_pretrained(self.model, self.out / "model", tokenizer=tok, state_dict=final)
+            save_pretrained(self.model, self.out / "model", tokenizer=tok, state_dict=final,
+                            fp8=getattr(self.args, "save_fp8", False))
         self.trackers.close()
         barrier()
         return result

@@ -1,0 +1,90 @@
+"""Expert parallelism on CPU (gloo, 2 ranks): `--ep 2` equals one process of the same global batch (per-step losses,
+and so gradients, including the experts': pytorch#160285's doubled expert gradients would show here), EP + FSDP2
+equals FSDP2, checkpoints keep the per-expert layout, and a run saved at one EP degree resumes at another."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.cli import main
+
+SMALL = ["--seq-len", "64", "--eval-every", "3", "--eval-batches", "2", "--warmup", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "d"
+    assert main(["data", "--out", str(d), "--docs", "600", "--vocab-size", "512"]) == 0
+    return d
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args):
+    exe = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(exe), "--nproc_per_node", "2", "-m", "nanoseek", *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def same_run(a, b, tol, wtol):
+    ma, mb = metrics(a), metrics(b)
+    assert len(ma) == len(mb) == 6
+    for x, y in zip(ma, mb):
+        assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"]), (x, y)
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 10 * tol * abs(x["grad_norm"]), (x, y)
+    wa = load_file(str(Path(a) / "model" / "model.safetensors"))
+    wb = load_file(str(Path(b) / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < wtol
+
+
+def test_ep2_equals_one_process_and_keeps_the_published_layout(data, tmp_path):
+    common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL]
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    torchrun(*common, "--out", str(tmp_path / "ep"), "--batch-size", "2", "--ep", "2")
+    same_run(tmp_path / "one", tmp_path / "ep", 1e-5, 1e-4)
+    w = load_file(str(tmp_path / "ep" / "model" / "model.safetensors"))
+    experts = {k for k in w if ".mlp.experts." in k}
+    assert "model.layers.1.mlp.experts.15.down_proj.weight" in experts  # all 16 experts, one tensor each
+    assert all(w[k].shape[0] in (64, 128) for k in experts if k.endswith("gate_proj.weight"))
+
+
+def test_ep_with_fsdp2_equals_fsdp2(data, tmp_path):
+    common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL, "--batch-size", "2", "--parallel", "fsdp"]
+    torchrun(*common, "--out", str(tmp_path / "fsdp"))
+    torchrun(*common, "--out", str(tmp_path / "fsdp_ep"), "--ep", "2")
+    same_run(tmp_path / "fsdp", tmp_path / "fsdp_ep", 1e-4, 1e-3)
+
+
+def test_resume_at_another_ep_degree(data, tmp_path):
+    """Saved under --ep 2 at step 3, resumed with plain DDP (EP degree 1) on the same 2 ranks: the same run."""
+    common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL, "--batch-size", "2", "--save-every", "3"]
+    torchrun(*common, "--out", str(tmp_path / "straight"), "--ep", "2")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)
+    for later in ("checkpoints/step_000006", "model", "ledger.json"):
+        p = cut / later
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    torchrun(*common, "--out", str(cut), "--resume", "auto")  # --ep 1
+    same_run(tmp_path / "straight", cut, 1e-5, 1e-4)
+    opt = load_file(str(cut / "checkpoints" / "step_000006" / "optimizer.safetensors"))
+    assert opt["layers.1.mlp.experts.gate_up_proj::exp_avg"].shape[0] == 16  # whole, whatever the degree
+
+
+def test_bad_ep(data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--data", str(data), "--out",
+                        str(tmp_path / "x"), "--max-steps", "1", *SMALL, "--ep", "2"],
+                       capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "--ep 2" in lines[0], r.stderr
+    assert torch.distributed.is_available()
