@@ -39,6 +39,12 @@ class ModelArgs:
     first_k_dense_replace: int = 3
     n_group: int | None = 8
     topk_group: int | None = 4
+    # node-limited routing (V3 §2.1.2, §3.2.2): the routed experts span n_nodes nodes (expert groups mapped to them
+    # contiguously, n_group / n_nodes per node); each token's experts lie on at most topk_nodes (M) of them, the nodes
+    # with the highest sums of their num_experts_per_tok / M best affinities. None: no node limit (V3 reaches it
+    # through n_group = 8 groups = nodes, topk_group = M = 4). nanoseek's own keys, written only when set.
+    n_nodes: int | None = None
+    topk_nodes: int | None = None
     topk_method: str = "noaux_tc"  # noaux_tc (V3) | greedy | group_limited_greedy (V2)
     scoring_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
     norm_topk_prob: bool = True
@@ -127,6 +133,14 @@ class ModelArgs:
             if self.topk_method == "noaux_tc":
                 need(E // g >= 2, f"'noaux_tc' scores a group by its top-2 experts: need >= 2 experts per group, "
                                   f"got {E // g}")
+            if self.n_nodes is not None or self.topk_nodes is not None:
+                nn_, kn = self.n_nodes or 0, self.topk_nodes or 0
+                need(nn_ >= 1 and g % nn_ == 0, f"'n_nodes' ({self.n_nodes}) must divide 'n_group' ({g}): the "
+                                                f"expert groups are mapped to the nodes")
+                need(1 <= kn <= nn_, f"'topk_nodes' ({self.topk_nodes}) must be in [1, n_nodes={self.n_nodes}]")
+                need(self.num_experts_per_tok <= kn * (E // nn_),
+                     f"'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts on 'topk_nodes' "
+                     f"nodes ({kn} x {E // nn_})")
             need(self.num_experts_per_tok <= kg * (E // g),
                  f"'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in 'topk_group' groups "
                  f"({kg} x {E // g})")
@@ -170,6 +184,9 @@ class ModelArgs:
     def to_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         d = {**self.extra, **d}
+        for own in ("n_nodes", "topk_nodes"):  # not DeepseekV3Config's: only when used
+            if d.get(own) is None:
+                d.pop(own, None)
         # keep transformers >= 5 readers consistent with the published keys we write
         d.pop("rope_parameters", None)
         d.pop("dtype", None)

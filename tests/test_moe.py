@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanoseek.config import ModelArgs
+from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Gate, MoE
 
 V3 = dict(vocab_size=64, hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
@@ -176,3 +177,34 @@ def test_grouped_under_autocast_bf16():
     y.float().sum().backward()
     assert x.grad is not None and m.experts.gate_up_proj.grad.dtype == torch.float32
     assert (y.float() - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_node_limited_routing_matches_a_per_token_reference():
+    """V3's node-limited routing (config n_nodes, topk_nodes = M): the vectorised gate picks, for every token, the
+    experts a plain per-token reading of the rule picks, and they lie on at most M nodes."""
+    from nanoseek.model.moe import Gate
+    args = ModelArgs.from_dict(dict(hidden_size=32, n_routed_experts=32, num_experts_per_tok=6, n_group=8,
+                                    topk_group=4, n_nodes=4, topk_nodes=2)).validate()
+    torch.manual_seed(0)
+    gate = Gate(args)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(200, 32)
+    _, indices, scores = gate(x)
+    choice = scores + gate.e_score_correction_bias
+    per_node, per_group = 32 // 4, 32 // 8
+    for t in range(x.shape[0]):
+        c = choice[t].tolist()
+        node_score = [sum(sorted(c[n * per_node:(n + 1) * per_node], reverse=True)[:6 // 2]) for n in range(4)]
+        nodes = sorted(range(4), key=lambda n: -node_score[n])[:2]
+        ok = [e // per_node in nodes for e in range(32)]
+        group_score = [sum(sorted([c[e] if ok[e] else float("-inf") for e in range(g * per_group, (g + 1) * per_group)],
+                                  reverse=True)[:2]) for g in range(8)]
+        groups = sorted(range(8), key=lambda g: -group_score[g])[:4]
+        eligible = [e for e in range(32) if ok[e] and e // per_group in groups]
+        want = set(sorted(eligible, key=lambda e: -c[e])[:6])
+        assert set(indices[t].tolist()) == want, t
+        assert len({e // per_node for e in want}) <= 2
+    with pytest.raises(NanoseekError, match="n_nodes"):
+        ModelArgs.from_dict(dict(n_routed_experts=32, n_group=8, n_nodes=3, topk_nodes=2)).validate()
+    assert "n_nodes" not in ModelArgs.from_dict(dict(n_group=8)).to_dict()  # written only when used

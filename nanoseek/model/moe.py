@@ -8,7 +8,10 @@ Router (`Gate`), in fp32:
     split into `n_group` groups, a group is scored by the sum of its top-2 biased scores, only the best `topk_group`
     groups stay eligible, top-K experts are picked among them; the gate values are the *unbiased* s_i of those
     experts, renormalised (`norm_topk_prob`) and multiplied by `routed_scaling_factor`;
-  * V2: `greedy` top-K of softmax scores, or `group_limited_greedy` (groups scored by their max).
+  * V2: `greedy` top-K of softmax scores, or `group_limited_greedy` (groups scored by their max);
+  * node-limited routing (`n_nodes`, `topk_nodes` = M, V3 §2.1.2): before the groups, only the experts of the M nodes
+    with the highest sums of their K/M best biased scores stay eligible (expert-parallel all-to-all then reaches at
+    most M nodes per token).
 Balancing without an auxiliary loss: after each optimizer step the trainer calls `update_bias(γ)`, which moves b_i by
 +γ for experts that got fewer tokens than the mean and −γ for those that got more; plus the small sequence-wise
 balance loss L_Bal = α Σ_i f_i P_i (V3 eqs. 17-20), computed in training when α > 0.
@@ -57,6 +60,7 @@ class Gate(nn.Module):
         self.n_group, self.topk_group = args.n_group or 1, args.topk_group or 1
         self.topk_method, self.scoring_func = args.topk_method, args.scoring_func
         self.norm_topk_prob, self.routed_scaling_factor = args.norm_topk_prob, args.routed_scaling_factor
+        self.n_nodes, self.topk_nodes = args.n_nodes or 1, args.topk_nodes or args.n_nodes or 1
         self.weight = nn.Parameter(torch.empty(self.n_experts, args.hidden_size))
         if self.topk_method == "noaux_tc":  # fp32 always; a buffer: it is moved by update_bias, not by the optimizer
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
@@ -74,6 +78,12 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_nodes < self.n_nodes:  # node-limited: only the experts of the M best nodes stay eligible
+            per_node = choice.view(-1, self.n_nodes, self.n_experts // self.n_nodes)
+            node_scores = per_node.topk(max(1, self.topk // self.topk_nodes), dim=-1).values.sum(dim=-1)
+            keep = node_scores.topk(self.topk_nodes, dim=-1).indices
+            node_mask = torch.zeros_like(node_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = per_node.masked_fill(~node_mask.unsqueeze(-1), float("-inf")).flatten(1)
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.topk_method == "noaux_tc":
