@@ -58,7 +58,7 @@ class AdamWBF16Moments(torch.optim.Optimizer):
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** t))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, keep_empty: bool = False) -> list[dict]:
     """AdamW groups: decay on matrices; none on norms, biases and embeddings (the router bias is a buffer, never
     touched by the optimizer). Each group also lists its parameter names, for checkpoints."""
     decay, no_decay = [], []
@@ -70,7 +70,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append((name, p))
     return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
-            for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
+            for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g or keep_empty]
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: float, decay_frac: float) -> float:
@@ -113,13 +113,19 @@ def gather_full(model, opt, ep=None) -> dict:
     return {"model": sd, "optimizer": tensors, "groups": groups}
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    if len(groups) != len(opt.param_groups):
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
+                           subset: bool = False) -> None:
+    """subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
+    saved_groups = [g for g in groups if g["names"] or not subset]
+    mine = [g for g in opt.param_groups if g["names"] or not subset]
+    if subset:
+        saved_groups = [next((s for s in groups if set(g["names"]) <= set(s["names"])), None) for g in mine]
+    if len(saved_groups) != len(mine) or any(s is None for s in saved_groups):
         raise NanoseekError("the checkpoint's optimizer has a different parameter grouping")
-    for g, saved in zip(opt.param_groups, groups):
-        if saved["names"] != g["names"]:
+    for g, saved in zip(mine, saved_groups):
+        if saved["names"] != g["names"] and not (subset and set(g["names"]) <= set(saved["names"])):
             raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "names"})
         for name, p in zip(g["names"], g["params"]):
             state = {}
             for k, v in tensors.items():

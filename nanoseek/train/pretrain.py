@@ -64,6 +64,13 @@ def add_args(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and corpus")
     g.add_argument("--eval-batches", type=int, default=8, help="batches per held-out evaluation")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
+    g.add_argument("--pp", type=int, default=1, metavar="N",
+                   help="pipeline parallelism under torchrun: the layers cut into stages over N ranks "
+                        "(torch.distributed.pipelining); the rest of the ranks data parallel")
+    g.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "interleaved1f1b", "zbv", "dualpipev"],
+                   help="the pipeline schedule (interleaved1f1b, zbv, dualpipev: two stages per rank)")
+    g.add_argument("--pp-microbatches", type=int, default=4,
+                   help="microbatches the pipeline splits each --batch-size micro-batch into")
     g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on for CUDA, off on CPU where it does not pay off)")
     add_run_args(g, save_every=200, keep=3, eval_every=100, log_every=10)
@@ -71,7 +78,7 @@ def add_args(p) -> None:
 
 def check_args(args) -> None:
     check_positive(args, ("max_steps", "seq_len", "batch_size", "save_every", "eval_every", "eval_batches",
-                          "log_every", "keep", "docs"))
+                          "log_every", "keep", "docs", "pp", "pp_microbatches"))
     if args.families:
         check_families(args.families)
         for f in args.families:
@@ -115,13 +122,14 @@ def load_data(run: Run, args, margs: ModelArgs):
         raise NanoseekError(f"the data's tokenizer has {tok.vocab_size} tokens; the model's vocab_size is "
                             f"{margs.vocab_size}")
     d = run.d
-    train = PackedLoader(data_dir, meta, "train", args.seq_len, args.batch_size, d.rank, d.world, seed=args.seed)
+    rank, world = run.data_rank, run.data_world  # under PP one reader per pipeline
+    train = PackedLoader(data_dir, meta, "train", args.seq_len, args.batch_size, rank, world, seed=args.seed)
     evals = {}
     for s in ("val", "heldout"):  # held-out splits may be small: shrink their batch, skip one too small for any
         windows = (meta["splits"].get(s, {}).get("tokens", 0) - 1) // args.seq_len
-        if windows >= d.world:
-            evals[s] = PackedLoader(data_dir, meta, s, args.seq_len, min(args.batch_size, windows // d.world),
-                                    d.rank, d.world, shuffle=False)
+        if windows >= world:
+            evals[s] = PackedLoader(data_dir, meta, s, args.seq_len, min(args.batch_size, windows // world),
+                                    rank, world, shuffle=False)
     problems = []
     if (data_dir / "val_problems.jsonl").exists():
         lines = (data_dir / "val_problems.jsonl").read_text().splitlines()
@@ -149,12 +157,17 @@ def main(args) -> dict:
         margs.bias_update_speed = args.bias_update_speed
     if args.mtp_weight is not None:
         margs.mtp_loss_weight = args.mtp_weight
-    micro_tokens = args.batch_size * args.seq_len * d.world
+    micro_tokens = args.batch_size * args.seq_len * run.data_world
     batch_tokens = args.batch_tokens or micro_tokens
     if batch_tokens % micro_tokens:
         raise NanoseekError(f"--batch-tokens {batch_tokens} is not a multiple of batch-size x seq-len x ranks "
                             f"= {micro_tokens}")
     accum = batch_tokens // micro_tokens
+    if args.pp > 1 and accum > 1:
+        raise NanoseekError("--pp splits each micro-batch into --pp-microbatches itself: leave --batch-tokens out")
+    if args.pp > 1 and args.batch_size % args.pp_microbatches:
+        raise NanoseekError(f"--batch-size {args.batch_size} must be a multiple of --pp-microbatches "
+                            f"{args.pp_microbatches}")
     if args.seq_len > margs.max_position_embeddings:
         raise NanoseekError(f"--seq-len {args.seq_len} exceeds the model's context of {margs.max_position_embeddings}")
     identity = {"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
@@ -174,7 +187,7 @@ def main(args) -> dict:
     wrapped = run.start(model, args.max_steps, args.lr, args.weight_decay, (0.9, args.beta2), args.parallel,
                         logs=("metrics.jsonl", "eval.jsonl", "samples.jsonl"))
     use_compile = args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda")
-    fwd = torch.compile(wrapped) if use_compile else wrapped
+    fwd = torch.compile(wrapped) if use_compile and wrapped is not None else wrapped
 
     params = cost.count_params(margs)  # once: it builds the model on the meta device
     fpt = cost.flops_per_token(margs, args.seq_len, params=params)["training"]
@@ -237,6 +250,9 @@ def summary(run: Run, result: dict, last_eval: dict, meta: dict) -> None:
 def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) -> dict:
     """`accum` micro-batches, gradients accumulated (DDP syncs on the last only) -> this rank's mean losses."""
     d = run.d
+    if run.pp is not None:  # the pipeline's schedule runs the forwards and backwards of its microbatches
+        x, y = train.next()
+        return run.pp.step(x.to(d.device), y.to(d.device))
     sums = torch.zeros(4, device=d.device)  # lm, mtp, balance, total
     for micro in range(accum):
         x, y = train.next()
@@ -257,6 +273,7 @@ def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) ->
 
 def eval_and_sample(run: Run, evals: dict, tok, problems: list[dict]) -> dict:
     """Held-out losses (averaged over ranks) to eval.jsonl, greedy samples to samples.jsonl."""
+    run.sync_stages()  # under PP every rank evaluates the whole model
     ev = {f"{name}_loss": run.held_out_loss(loader, min(run.args.eval_batches,
                                                         loader.n_windows // (loader.batch * loader.world)))
           for name, loader in evals.items()}

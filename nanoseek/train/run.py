@@ -31,6 +31,7 @@ from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.expert_parallel import EP
+from nanoseek.pipeline import Pipeline
 from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, gather_full,
                                    load_optimizer_tensors, param_groups, resume_latest, rng_state,
@@ -162,6 +163,12 @@ class Run:
             torch.set_num_threads(args.threads)
         self.args, self.stage = args, stage
         self.d = init_distributed(args.device)
+        pp = getattr(args, "pp", 1)
+        if pp > 1 and self.d.world % pp:
+            raise NanoseekError(f"--pp {pp} must divide the number of ranks ({self.d.world})")
+        # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
+        self.data_rank, self.data_world = self.d.rank // pp, self.d.world // pp
+        self.ep = self.pp = None
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.resuming, self.resumed, self._opt_state = False, False, None
@@ -211,22 +218,37 @@ class Run:
         self.model, self.max_steps = model, max_steps
         if getattr(self.args, "fp8_pow2", False) and not getattr(self.args, "fp8", False):
             raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
-        self.ep = None
+        pp = getattr(self.args, "pp", 1)
         if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
-            if getattr(self.args, "fp8", False):
-                raise NanoseekError("--ep with --fp8 is not supported yet: choose one")
+            if getattr(self.args, "fp8", False) or pp > 1:
+                raise NanoseekError(f"--ep with {'--fp8' if pp == 1 else '--pp'} is not supported yet: choose one")
             self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
-        wrapped = wrap(model, self.d, parallel, ignored=self.ep.names if self.ep else ())
-        if getattr(self.args, "bf16_moments", False):
-            self.opt = AdamWBF16Moments(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8)
+        if pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (Pipeline reduces over dp itself)
+            self.pp = Pipeline(model, pp, self.args.pp_schedule, self.args.pp_microbatches, self.d.world,
+                               self.d.rank, self.d.device, model.args.mtp_loss_weight)
+            wrapped = None
+            mine = {id(p) for p in self.pp.parameters()}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) in mine],
+                       "names": [n for n, p in zip(g["names"], g["params"]) if id(p) in mine]}
+                      for g in param_groups(model, weight_decay, keep_empty=True)]
+            if self.pp.embed_copy is not None:  # the last stage's tied copy, under the embedding's name
+                no_decay = next(g for g in groups if g["weight_decay"] == 0.0)
+                no_decay["params"].append(self.pp.embed_copy.weight)
+                no_decay["names"].append("embed_tokens.weight")
+            self._all_names = [g["names"] for g in param_groups(model, weight_decay, keep_empty=True)]
         else:
-            self.opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
+            wrapped = wrap(model, self.d, parallel, ignored=self.ep.names if self.ep else ())
+            groups = param_groups(model, weight_decay)
+        if getattr(self.args, "bf16_moments", False):
+            self.opt = AdamWBF16Moments(groups, lr=lr, betas=betas, eps=1e-8)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
                                          fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps parameters
         if self._opt_state is not None:
-            load_optimizer_tensors(self.opt, *self._opt_state)
+            load_optimizer_tensors(self.opt, *self._opt_state, subset=self.pp is not None)
         # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
         self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=self.step if self.resumed else None,
                                                  enabled=self.main) for name in logs}
@@ -247,14 +269,18 @@ class Run:
         tensor); returned with their mean over ranks, the grad norm, `skipped` and the max/mean load per MoE layer.
         count: this is the loop's step (steps that are several optimizer steps count once, with count on the last);
         skipped_steps counts skipped optimizer steps."""
-        if self.ep is not None:  # the expert shards' gradients to the data-parallel mean; the norm over all experts
-            self.ep.reduce_grads(self.model)
-            grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
+        if self.ep is not None or self.pp is not None:  # the norm over the whole model, not this rank's part
+            if self.ep is not None:  # the expert shards' gradients to the data-parallel mean
+                self.ep.reduce_grads(self.model)
+                grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
+            else:
+                grad_norm = self.pp.grad_norm().to(self.d.device)
             coef = clip / (grad_norm.item() + 1e-6)
             if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                for g in self.opt.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
@@ -264,7 +290,7 @@ class Run:
         bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
         all_reduce(bad, dist.ReduceOp.MAX)
         all_reduce(vals)
-        vals /= self.d.world
+        vals /= self.data_world  # under PP only the ranks holding a last stage have losses (the others add zeros)
         balance = []
         if update_bias:
             loads = [m.tokens_per_expert for m in self.model.moe_layers()]
@@ -330,11 +356,28 @@ class Run:
         """A complete training checkpoint (model, optimizer, the trainer's loop state + RNG, counters), written
         atomically by the main rank after every rank took part in gathering it; then the ledger."""
         st = {**state, "rng": rng_state(), "skipped_steps": self.skipped, "wall_seconds": self.wall()}
-        full = gather_full(self.model, self.opt, self.ep)  # collective under FSDP and EP
+        full = self.gather()
         if self.main:
             save_training_checkpoint(self.out, self.step, self.model, full, st, tok, self.args.keep)
             self.ledger(st["wall_seconds"])
         barrier()
+
+    def gather(self) -> dict:
+        """The whole model and optimizer state (gather_full: collective under FSDP, EP and PP)."""
+        full = gather_full(self.model, self.opt, self.ep)
+        if self.pp is not None:
+            full["model"] = self.pp.full_state(full["model"])
+            full["optimizer"] = self.pp.full_optimizer(full["optimizer"])
+            for g, names in zip(full["groups"], self._all_names):
+                g["names"] = names
+        return full
+
+    def sync_stages(self) -> None:
+        """Under PP: every rank's model gets the weights of the stages it does not hold (for evaluation and
+        sampling through the whole model on one rank)."""
+        if self.pp is not None:
+            with torch.no_grad():
+                self.model.load_state_dict(self.pp.full_state(self.model.state_dict()))
 
     def ledger(self, wall: float | None = None) -> dict:
         """ledger.json: what the stage cost. The trainer's `cost()` gives its own fields (tokens, FLOPs, ...)."""
@@ -353,7 +396,7 @@ class Run:
         """The final ledger and OUT/model (published layout, loadable by from_pretrained and transformers)."""
         self.progress.close()
         result = self.ledger()
-        final = gather_full(self.model, self.opt, self.ep)["model"]  # collective under FSDP and EP
+        final = self.gather()["model"]
         if self.main:
             save_pretrained(self.model, self.out / "model", tokenizer=tok, state_dict=final,
                             fp8=getattr(self.args, "save_fp8", False))

@@ -1,0 +1,41 @@
+"""Pipeline parallelism on CPU (gloo, 2 ranks) through torch.distributed.pipelining: `--pp 2` with each schedule
+(1f1b, interleaved1f1b, zbv, dualpipev) equals one process of the same batch: per-step losses (the MTP loss and the
+tied embedding included), gradient norms, the router's loads (no shape-inference pass counted) and the final weights,
+written in the published layout."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from nanoseek.cli import main
+from tests.test_expert_parallel import SMALL, metrics, torchrun
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    assert main(["data", "--out", str(root / "d"), "--docs", "600", "--vocab-size", "512"]) == 0
+    common = ["pretrain", "--data", str(root / "d"), "--max-steps", "6", *SMALL, "--batch-size", "4"]
+    assert main([*common, "--out", str(root / "one")]) == 0
+    return root, common
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved1f1b", "zbv", "dualpipev"])
+def test_pp2_equals_one_process(runs, schedule):
+    root, common = runs
+    out = root / schedule
+    torchrun(*common, "--out", str(out), "--pp", "2", "--pp-schedule", schedule, "--pp-microbatches", "4")
+    a, b = metrics(root / "one"), metrics(out)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (x, y)
+        assert abs(x["mtp_loss"] - y["mtp_loss"]) <= 1e-5 * x["mtp_loss"], (x, y)
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-3 * x["grad_norm"], (x, y)
+        assert x["expert_load_max_over_mean"] == y["expert_load_max_over_mean"]
+    wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (root / "one", out))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    ev = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(ev) == 2 and all(v["val_loss"] < 10 for v in ev)  # evaluated through the whole model on every rank
