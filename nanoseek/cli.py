@@ -203,7 +203,21 @@ def cmd_report(args):
     report(args)
 
 
+CLUSTER_FLAGS = ("gpus_per_node", "nvlink_gbps", "ib_gbps", "sms", "tflops", "sm_gbps", "tokens_per_microbatch",
+                 "node_limit", "comm_sms", "plot")
+
+
 def cmd_cost(args):
+    if args.cluster is not None:
+        return cmd_cost_cluster(args)
+    if args.tokens is None:
+        raise NanoseekError("give --tokens (the cost of a training run) or --cluster (the communication budget of "
+                            "expert parallelism)")
+    given = [f"--{n.replace('_', '-')}" for n in CLUSTER_FLAGS if getattr(args, n) is not None]
+    if given:
+        raise NanoseekError(f"{', '.join(given)}: only with --cluster (the communication budget)")
+    args.preset = args.preset or "tiny"
+    args.gpus = 1 if args.gpus is None else args.gpus
     from nanoseek.cost import GPU_PEAKS, estimate, human
     margs = _model_args(args)
     if args.gpu not in GPU_PEAKS:
@@ -230,6 +244,34 @@ def cmd_cost(args):
     if args.gpu_hours is not None:
         print(f"published {args.gpu_hours:,.0f} GPU-hours (${e['published_usd']:,.0f}, {e['published_days']:.1f} days "
               f"on {args.gpus}) implies an MFU of {100 * e['implied_mfu']:.1f}% of the {args.precision} peak")
+
+
+def cmd_cost_cluster(args):
+    """`nanoseek cost --cluster`: the communication budget of one MoE layer per micro-batch (nanoseek/comm_model.py)."""
+    from nanoseek import comm_model
+    if args.tokens is not None:
+        raise NanoseekError("--tokens (a training run's cost) and --cluster (the communication budget) are separate "
+                            "modes; give one")
+    c = comm_model.cluster(args.cluster, **{n: getattr(args, n) for n in
+                                            ("gpus_per_node", "nvlink_gbps", "ib_gbps", "sms", "tflops", "sm_gbps")})
+    args.preset = args.preset or "v3"
+    margs = _model_args(args)
+    given = {"gpus": args.gpus, "tokens": args.tokens_per_microbatch, "sm_counts": args.comm_sms}
+    b = comm_model.budget(margs, c, mfu=args.mfu, seq_len=args.seq_len, node_limit=args.node_limit,
+                          **{k: v for k, v in given.items() if v is not None})  # else budget's defaults (V3's)
+    b["model"] = args.checkpoint or args.config or args.preset
+    if args.plot:
+        try:
+            comm_model.plot(b, args.plot)
+        except OSError as e:
+            raise NanoseekError(f"cannot write --plot {args.plot}: {e.strerror or e}") from None
+        b["plot"] = args.plot
+    if args.json:
+        print(json.dumps(b))
+        return
+    print(comm_model.format_budget(b, b["model"]))
+    if args.plot:
+        print(f"plot -> {args.plot}")
 
 
 # ---- parser --------------------------------------------------------------------------------------------------------
@@ -336,17 +378,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("cost", help="estimate FLOPs, GPU-hours, days and dollars of a training run, or the MFU a "
-                                     "published GPU-hour figure implies")
+                                     "published GPU-hour figure implies; with --cluster, the communication budget of "
+                                     "expert parallelism (V3 §3.2)")
     model_source(sp)
-    sp.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 14.8e12")
+    sp.set_defaults(preset=None)  # tiny for a training-run estimate, v3 with --cluster
+    sp.add_argument("--tokens", type=float, default=None,
+                    help="training tokens, e.g. 14.8e12 (needed without --cluster)")
     sp.add_argument("--gpu", default="h100", help="h100, h800, h200 or a100")
-    sp.add_argument("--gpus", type=int, default=1, help="number of GPUs")
-    sp.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation, a fraction")
+    sp.add_argument("--gpus", type=int, default=None,
+                    help="number of GPUs (default 1; with --cluster the expert-parallel GPUs, default 64 as V3's EP64)")
+    sp.add_argument("--mfu", type=float, default=0.4,
+                    help="assumed model FLOPs utilisation, a fraction of the --precision peak (or of --tflops)")
     sp.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="the peak the MFU refers to")
     sp.add_argument("--seq-len", type=int, default=4096, help="sequence length (attention FLOPs)")
     sp.add_argument("--gpu-hours", type=float, default=None, help="a published GPU-hour figure: report its MFU")
     sp.add_argument("--usd-per-gpu-hour", type=float, default=2.0, help="price (default $2, DeepSeek's H800 rate)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    g = sp.add_argument_group("the communication budget (--cluster): one MoE layer per micro-batch, model default v3")
+    g.add_argument("--cluster", default=None,
+                   help="a built-in cluster: h800 (V3's: 8 GPUs/node, NVLink 160 GB/s, IB 50 GB/s, 132 SMs) or h100")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node on NVLink (h800: 8)")
+    g.add_argument("--nvlink-gbps", type=float, default=None, help="NVLink GB/s per GPU, one direction (h800: 160)")
+    g.add_argument("--ib-gbps", type=float, default=None, help="InfiniBand GB/s per GPU, one direction (h800: 50)")
+    g.add_argument("--sms", type=int, default=None, help="SMs per GPU (h800: 132)")
+    g.add_argument("--tflops", type=float, default=None,
+                   help="dense FP8 peak TFLOP/s per GPU that --mfu refers to (h800: 1979; V3's GEMMs run in FP8)")
+    g.add_argument("--sm-gbps", type=float, default=None,
+                   help="GB/s one SM moves when communicating (default 10.5: 20 SMs saturate IB + NVLink, V3 §3.2.2)")
+    g.add_argument("--tokens-per-microbatch", type=int, default=None,
+                   help="tokens per GPU per micro-batch (default 4096, DeepEP's V3 training setting)")
+    g.add_argument("--node-limit", type=int, default=None,
+                   help="M: each token's experts on at most M nodes (default the model's: V3 4)")
+    g.add_argument("--comm-sms", type=int, nargs="+", default=None,
+                   help="rows of the step-time table: SMs reserved for communication (default 4..48 and the model's)")
+    g.add_argument("--plot", default=None, help="write step time against the SMs for communication as a PNG here")
     sp.set_defaults(fn=cmd_cost)
 
     sp = sub.add_parser("chat", help="chat with a checkpoint: streamed, thinking shown apart (one-shot or interactive)")
