@@ -61,18 +61,7 @@ class EPExperts(Experts):
 
     def grouped(self, x, weights, indices):
         """x [T, D], weights/indices [T, K] (global ids) -> [T, D]: dispatch, local experts, combine."""
-        n_local, K = self.gate_up_proj.shape[0], indices.shape[1]
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)  # (token, expert) pairs by expert = by the rank holding it
-        token = order // K
-        expert = flat[order]
-        dest = expert // n_local
-        in_counts = torch.bincount(dest, minlength=self.ep_size)
-        out_counts = torch.empty_like(in_counts)
-        dist.all_to_all_single(out_counts, in_counts, group=self.ep_group)  # how many rows each rank sends us
-        in_splits, out_splits = in_counts.tolist(), out_counts.tolist()
-        recv_expert = expert.new_empty(sum(out_splits))
-        dist.all_to_all_single(recv_expert, expert - dest * n_local, out_splits, in_splits, group=self.ep_group)
+        order, token, in_splits, out_splits, recv_expert = self.plan(indices)
         recv = all_to_all(x.index_select(0, token), out_splits, in_splits, self.ep_group)  # dispatch
         ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
         out = Experts.grouped(self, recv, ones, recv_expert[:, None])  # each received row through its expert
@@ -81,6 +70,62 @@ class EPExperts(Experts):
         return x.new_zeros(x.shape, dtype=back.dtype).index_add_(0, token, gated)
 
     reference = grouped  # the paper's loop runs on a rank's own experts only through the exchange above
+
+    def plan(self, indices):
+        """The exchange for routing `indices` [T, K]: pair order, tokens, and the rows sent to / received from each
+        rank (one small synchronous all-to-all of the counts), the local expert of each received row."""
+        n_local, K = self.gate_up_proj.shape[0], indices.shape[1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        expert = flat[order]
+        dest = expert // n_local
+        in_counts = torch.bincount(dest, minlength=self.ep_size)
+        out_counts = torch.empty_like(in_counts)
+        dist.all_to_all_single(out_counts, in_counts, group=self.ep_group)
+        in_splits, out_splits = in_counts.tolist(), out_counts.tolist()
+        recv_expert = expert.new_empty(sum(out_splits))
+        dist.all_to_all_single(recv_expert, expert - dest * n_local, out_splits, in_splits, group=self.ep_group)
+        return order, order // K, in_splits, out_splits, recv_expert
+
+    @torch.no_grad()
+    def overlapped(self, x, weights, indices, timings: dict | None = None):
+        """The same result as `grouped` (without autograd), with the tokens in two micro-batches whose all-to-alls
+        run asynchronously: micro-batch B's dispatch travels while A's experts compute, A's combine while B's
+        experts compute (V3's two-micro-batch overlap, §3.4, here within a layer). timings (optional) gets the
+        seconds spent computing and waiting on communication."""
+        import time
+        T = x.shape[0]
+        halves = [slice(0, T // 2), slice(T // 2, T)]
+        plans = [self.plan(indices[h]) for h in halves]
+        clock = time.perf_counter
+        wait = comp = 0.0
+        sends = []
+        for h, (order, token, ins, outs, _) in zip(halves, plans):  # both dispatches in flight
+            buf = x.new_empty(sum(outs), x.shape[1])
+            sends.append((buf, dist.all_to_all_single(buf, x[h].index_select(0, token), outs, ins,
+                                                      group=self.ep_group, async_op=True)))
+        backs = []
+        for (buf, work), (order, token, ins, outs, recv_expert) in zip(sends, plans):
+            t = clock()
+            work.wait()
+            wait += clock() - t
+            t = clock()
+            ones = torch.ones(buf.shape[0], 1, dtype=torch.float32, device=x.device)
+            out = Experts.grouped(self, buf, ones, recv_expert[:, None]) if buf.shape[0] else buf
+            comp += clock() - t
+            back = x.new_empty(sum(ins), x.shape[1])
+            backs.append((back, dist.all_to_all_single(back, out.contiguous(), ins, outs, group=self.ep_group,
+                                                       async_op=True)))
+        y = torch.zeros_like(x)
+        for h, (back, work), (order, token, *_), w in zip(halves, backs, plans, (weights[hh] for hh in halves)):
+            t = clock()
+            work.wait()
+            wait += clock() - t
+            y[h].index_add_(0, token, back * w.flatten()[order, None].to(back.dtype))
+        if timings is not None:
+            timings["compute"] = timings.get("compute", 0.0) + comp
+            timings["wait"] = timings.get("wait", 0.0) + wait
+        return y
 
 
 class EP:

@@ -88,3 +88,15 @@ def test_bad_ep(data, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "--ep 2" in lines[0], r.stderr
     assert torch.distributed.is_available()
+
+
+def test_two_microbatch_overlap_equals_the_serial_exchange(tmp_path):
+    """bench/ep.py under torchrun: the overlapped layer (async all-to-alls of two micro-batches) gives the serial
+    layer's output, and the timing fields come out."""
+    exe = Path(sys.executable).parent / "torchrun"
+    bench = Path(__file__).parent.parent / "bench" / "ep.py"
+    r = subprocess.run([str(exe), "--nproc_per_node", "2", str(bench), "--tokens", "256", "--reps", "2", "--json",
+                        str(tmp_path / "ep.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "ep.json").read_text())
+    assert res["same"] is True and res["comm_ms"] > 0 and res["compute_ms"] > 0
