@@ -15,7 +15,7 @@ shard and divides by W: exactly the data-parallel mean. (Dividing by the replica
 shard over dp_mod_ep would, gives N times the gradient: pytorch#160285.) The rest of the model is data parallel as
 without EP (DDP ignoring the expert shards, or FSDP2 with them as ignored parameters).
 
-Checkpoints keep the published per-expert layout whatever N: `full_expert_tensor` gathers a shard's tensor (weights or
+Checkpoints keep the published per-expert layout whatever N: `EP.full` gathers a shard's tensor (weights or
 optimizer moments) over the EP group, and a resumed run slices what it holds from the full tensors, so a run saved at
 one EP degree resumes at another.
 """
@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 
+from nanoseek.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Experts
 
@@ -53,15 +54,40 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 class EPExperts(Experts):
-    """This rank's shard of the routed experts: gate_up_proj [E/N, 2I, D], down_proj [E/N, D, I] of experts
-    first .. first + E/N - 1; the gate's indices are global expert ids. (The class `shard_experts` gives Experts.)"""
+    """This rank's shard of the routed experts: gate_up_proj [S, 2I, D], down_proj [S, D, I], its S physical slots
+    first .. first + S - 1 of the layer's P = E + R (S = P/N; without redundant experts slot = expert). phy2log,
+    log2phy and logcnt (EPLB's maps) say which logical expert each slot holds; the gate's indices are logical ids.
+    (The class EP.shard gives Experts.)"""
     ep_group = None
     ep_size = 1
-    first = 0  # the global id of this rank's first expert
+    first = 0  # this rank's first physical slot
+    redundant = 0
+
+    def set_placement(self, phy2log, log2phy, logcnt) -> None:
+        dev = self.gate_up_proj.device
+        for k, v in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+            self.register_buffer(k, v.to(dev), persistent=False)
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slots of a per-logical-expert tensor [E, ...]."""
+        S = (self.n_logical + self.redundant) // self.ep_size
+        return full[self.phy2log[self.first:self.first + S].to(full.device)]
+
+    def to_logical(self, phys: torch.Tensor, reduce: bool = False) -> torch.Tensor:
+        """[P, ...] in slot order -> [E, ...]: each logical expert's first replica (replicas hold equal weights), or
+        with reduce the sum over its replicas (gradients)."""
+        if reduce:
+            out = phys.new_zeros(self.n_logical, *phys.shape[1:])
+            return out.index_add_(0, self.phy2log.to(phys.device), phys)
+        return phys[self.log2phy[:, 0].to(phys.device)]
+
+    def physical(self, indices: torch.Tensor) -> torch.Tensor:
+        """Logical expert ids [T, K] -> the slots serving them (replicas in turn; identity without redundancy)."""
+        return route_to_replicas(indices, self.log2phy, self.logcnt) if self.redundant else indices
 
     def grouped(self, x, weights, indices):
         """x [T, D], weights/indices [T, K] (global ids) -> [T, D]: dispatch, local experts, combine."""
-        order, token, in_splits, out_splits, recv_expert = self.plan(indices)
+        order, token, in_splits, out_splits, recv_expert = self.plan(self.physical(indices))
         recv = all_to_all(x.index_select(0, token), out_splits, in_splits, self.ep_group)  # dispatch
         ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
         out = Experts.grouped(self, recv, ones, recv_expert[:, None])  # each received row through its expert
@@ -72,7 +98,7 @@ class EPExperts(Experts):
     reference = grouped  # the paper's loop runs on a rank's own experts only through the exchange above
 
     def plan(self, indices):
-        """The exchange for routing `indices` [T, K]: pair order, tokens, and the rows sent to / received from each
+        """The exchange for routing to the slots `indices` [T, K]: pair order, tokens, and the rows sent to / received from each
         rank (one small synchronous all-to-all of the counts), the local expert of each received row."""
         n_local, K = self.gate_up_proj.shape[0], indices.shape[1]
         flat = indices.flatten()
@@ -96,7 +122,7 @@ class EPExperts(Experts):
         import time
         T = x.shape[0]
         halves = [slice(0, T // 2), slice(T // 2, T)]
-        plans = [self.plan(indices[h]) for h in halves]
+        plans = [self.plan(self.physical(indices[h])) for h in halves]
         clock = time.perf_counter
         wait = comp = 0.0
         sends = []
@@ -129,13 +155,20 @@ class EPExperts(Experts):
 
 
 class EP:
-    """The mesh and groups of one EP configuration (see the module's doc)."""
+    """The mesh and groups of one EP configuration (see the module's doc), and, with redundant experts, their
+    placement (EPLB)."""
 
-    def __init__(self, ep: int, world: int, rank: int, device: torch.device):
+    def __init__(self, ep: int, world: int, rank: int, device: torch.device, redundant: int = 0, every: int = 0,
+                 n_group: int = 1):
         if ep < 1 or world % ep:
             raise NanoseekError(f"--ep {ep} must divide the number of ranks ({world})")
+        if redundant < 0 or every < 0:
+            raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
         self.size, self.world, self.rank = ep, world, rank
         self.index = rank % ep  # this rank's place in its EP group
+        self.redundant, self.every, self.n_group = redundant, every, n_group
+        self.layers = []  # the sharded Experts modules, in the model's order (= moe_layers' order)
+        self.load = None  # routed tokens per layer and logical expert since the last placement [L, E]
         if world > 1:
             self.mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_mod_ep", "ep"))
             self.group, self.replicas = self.mesh.get_group("ep"), self.mesh.get_group("dp_mod_ep")
@@ -144,66 +177,120 @@ class EP:
 
     def shard(self, model: nn.Module) -> list[str]:
         """Keep this rank's experts in every MoE layer (the model's and the MTP module's), in place; call before the
-        data-parallel wrap and the optimizer. Returns the names of the sharded parameters."""
+        data-parallel wrap and the optimizer. With redundant experts, each layer has E + R physical slots, (E + R)/N
+        per rank, first placed as EPLB places a uniform load. Returns the names of the sharded parameters."""
         names = []
+        self.by_name = {}
         for name, m in model.named_modules():
             if type(m) is not Experts:
                 continue
             E = m.gate_up_proj.shape[0]
-            if E % self.size:
-                raise NanoseekError(f"--ep {self.size} must divide n_routed_experts ({E})")
-            n = E // self.size
-            lo = self.index * n
-            for pname in ("gate_up_proj", "down_proj"):
-                full = getattr(m, pname)
-                p = nn.Parameter(full.detach()[lo:lo + n].clone(), requires_grad=full.requires_grad)
-                p.ep_shard = (lo, n, E)  # read by checkpoint gathering and optimizer-state loading
+            P = E + self.redundant
+            if P % self.size:
+                raise NanoseekError(f"--ep {self.size} must divide n_routed_experts + --ep-redundant ({E} + "
+                                    f"{self.redundant})")
+            m.__class__ = EPExperts
+            m.ep_group, m.ep_size, m.n_logical, m.redundant = self.group, self.size, E, self.redundant
+            m.first = self.index * (P // self.size)  # this rank's first physical slot
+            phy2log, log2phy, logcnt = self._placement(torch.ones(1, E))
+            full = {pname: getattr(m, pname).detach() for pname in ("gate_up_proj", "down_proj")}
+            m.set_placement(phy2log[0], log2phy[0], logcnt[0])
+            for pname, t in full.items():
+                p = nn.Parameter(m.local(t).clone(), requires_grad=getattr(m, pname).requires_grad)
+                p.ep_module = m  # read by checkpoint gathering and optimizer-state loading
                 setattr(m, pname, p)
                 names.append(f"{name}.{pname}")
-            m.__class__ = EPExperts
-            m.ep_group, m.ep_size, m.first = self.group, self.size, lo
+                self.by_name[f"{name}.{pname}"] = m
+            self.layers.append(m)
         self.names = names
         return names
 
+    def _placement(self, load: torch.Tensor):
+        """EPLB over this EP group (one node: the hierarchical policy packs whole groups onto it)."""
+        E = load.shape[1]
+        if not self.redundant:
+            return contiguous_placement(load.shape[0], E)
+        groups = self.n_group if E % self.n_group == 0 else 1
+        return rebalance_experts(load, E + self.redundant, groups, 1, self.size)
+
     def reduce_grads(self, model: nn.Module) -> None:
-        """Expert-shard gradients: summed over the shard's replicas, divided by the world (the DP mean)."""
+        """Expert-shard gradients: the replicas of a logical expert summed (so they stay equal), then summed over
+        the shard's data-parallel replicas and divided by the world (the DP mean)."""
         for p in model.parameters():
-            if getattr(p, "ep_shard", None) is not None and p.grad is not None:
-                if self.replicas is not None and self.world > self.size:
-                    dist.all_reduce(p.grad, group=self.replicas)
-                p.grad.div_(self.world)
+            m = getattr(p, "ep_module", None)
+            if m is None or p.grad is None:
+                continue
+            if m.redundant:
+                logical = m.to_logical(self.gather(p.grad), reduce=True)
+                p.grad.copy_(m.local(logical))
+            if self.replicas is not None and self.world > self.size:
+                dist.all_reduce(p.grad, group=self.replicas)
+            p.grad.div_(self.world)
 
     def grad_norm_sq(self, model: nn.Module) -> torch.Tensor:
-        """Σ g² over the whole model's gradients: the replicated part once, the expert shards summed over the EP
-        group (each rank holds 1/N of them)."""
+        """Σ g² over the whole model's gradients: the replicated part once, each logical expert once (a slot's share
+        is 1 / its expert's replica count), summed over the EP group."""
         dense = torch.zeros((), dtype=torch.float32)
         sharded = torch.zeros((), dtype=torch.float32)
         for p in model.parameters():
             if p.grad is None:
                 continue
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            sq = g.detach().float().pow(2).sum().cpu()
-            if getattr(p, "ep_shard", None) is not None:
-                sharded += sq
+            m = getattr(p, "ep_module", None)
+            if m is None:
+                dense += g.detach().float().pow(2).sum().cpu()
             else:
-                dense += sq
+                share = 1.0 / m.local(m.logcnt.float()).cpu()  # [slots]: 1 / the replicas of its expert
+                sharded += (g.detach().float().pow(2).flatten(1).sum(1).cpu() * share).sum()
         if self.group is not None:
             dist.all_reduce(sharded, group=self.group)
         return dense + sharded
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """A shard's tensor [slots, ...] gathered over the EP group -> [P, ...], physical slot order."""
+        if self.group is None:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
 
-def full_expert_tensor(t: torch.Tensor, ep: "EP | None") -> torch.Tensor:
-    """An expert shard's tensor [E/N, ...] gathered over the EP group into [E, ...] (every rank of it calls)."""
-    if ep is None or ep.group is None:
-        return t
-    parts = [torch.empty_like(t) for _ in range(ep.size)]
-    dist.all_gather(parts, t.contiguous(), group=ep.group)
-    return torch.cat(parts)
+    def full(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The whole logical tensor [E, ...] of the expert shard `name` (its parameter or an optimizer moment)."""
+        return self.by_name[name].to_logical(self.gather(t))
+
+    # ---- EPLB: re-placing the experts from their measured load ----
+    def observe(self, loads: list[torch.Tensor]) -> None:
+        """The routed tokens per logical expert of every layer in this step (summed over all ranks)."""
+        if self.redundant and self.every:
+            step = torch.stack([l.detach().float().cpu() for l in loads])
+            self.load = step if self.load is None else self.load + step
+
+    @torch.no_grad()
+    def rebalance(self, opt: torch.optim.Optimizer) -> list[float]:
+        """New placement of every layer from the load observed since the last one: the slots' weights and optimizer
+        moments re-gathered into it (every rank computes the same placement from the same load). Returns the max /
+        mean rank load per layer under the old and the new placement, averaged (for the log)."""
+        if self.load is None:
+            return []
+        phy2log, log2phy, logcnt = self._placement(self.load)
+        before = balance(self.load, torch.stack([m.phy2log.cpu() for m in self.layers]),
+                         torch.stack([m.logcnt.cpu() for m in self.layers]), self.size).mean().item()
+        after = balance(self.load, phy2log, logcnt, self.size).mean().item()
+        for i, m in enumerate(self.layers):
+            tensors = [m.gate_up_proj, m.down_proj]
+            tensors += [v for p in (m.gate_up_proj, m.down_proj) for v in opt.state.get(p, {}).values()
+                        if torch.is_tensor(v) and v.dim() > 0]
+            logical = [m.to_logical(self.gather(t.data)) for t in tensors]
+            m.set_placement(phy2log[i], log2phy[i], logcnt[i])
+            for t, full in zip(tensors, logical):
+                t.data.copy_(m.local(full))
+        self.load = None
+        return [before, after]
 
 
 def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The rows of a full [E, ...] tensor that an expert shard p holds (resume at any EP degree)."""
-    lo, n, E = p.ep_shard
-    if full.shape[0] != E:
-        raise NanoseekError(f"a saved expert tensor has {full.shape[0]} experts, this model {E}")
-    return full[lo:lo + n]
+    """The slots of a full [E, ...] tensor that an expert shard p holds (resume at any EP degree)."""
+    m = p.ep_module
+    if full.shape[0] != m.n_logical:
+        raise NanoseekError(f"a saved expert tensor has {full.shape[0]} experts, this model {m.n_logical}")
+    return m.local(full)

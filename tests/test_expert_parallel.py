@@ -100,3 +100,17 @@ def test_two_microbatch_overlap_equals_the_serial_exchange(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "ep.json").read_text())
     assert res["same"] is True and res["comm_ms"] > 0 and res["compute_ms"] > 0
+
+
+def test_ep_with_redundant_experts_replaced_by_eplb_equals_one_process(data, tmp_path):
+    """--ep 2 with 2 redundant slots per layer, re-placed by EPLB every 2 steps from the router's load: replicas of an
+    expert get its tokens in turn and the sum of their gradients, so the run is still the one-process run; the logged
+    max/mean rank load falls with each placement."""
+    common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL]
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    torchrun(*common, "--out", str(tmp_path / "eplb"), "--batch-size", "2", "--ep", "2", "--ep-redundant", "2",
+             "--eplb-every", "2")
+    same_run(tmp_path / "one", tmp_path / "eplb", 1e-5, 1e-4)
+    placed = [m["eplb_rank_load_max_over_mean"] for m in metrics(tmp_path / "eplb") if "eplb_rank_load_max_over_mean"
+              in m]
+    assert len(placed) == 3 and all(after <= before for before, after in placed)

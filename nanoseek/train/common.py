@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
-from nanoseek.expert_parallel import full_expert_tensor, local_slice
+from nanoseek.expert_parallel import local_slice
 from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files
 from nanoseek.errors import NanoseekError
 
@@ -107,9 +107,9 @@ def gather_full(model, opt, ep=None) -> dict:
         groups.append({k: v for k, v in g.items() if k != "params"})
         for name, p in zip(g["names"], g["params"]):
             for k, v in opt.state.get(p, {}).items():
-                v = full_expert_tensor(v, ep) if name in sharded and v.dim() > 0 else v
+                v = ep.full(name, v) if name in sharded and v.dim() > 0 else v
                 tensors[f"{name}::{k}"] = _full(v)
-    sd = {k: _full(full_expert_tensor(v, ep) if k in sharded else v) for k, v in model.state_dict().items()}
+    sd = {k: _full(ep.full(k, v) if k in sharded else v) for k, v in model.state_dict().items()}
     return {"model": sd, "optimizer": tensors, "groups": groups}
 
 
@@ -132,7 +132,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
                 if not k.startswith(name + "::"):
                     continue
                 v = v.to(p.device)
-                if getattr(p, "ep_shard", None) is not None and v.dim() > 0:  # EP: this rank's experts
+                if getattr(p, "ep_module", None) is not None and v.dim() > 0:  # EP: this rank's expert slots
                     v = local_slice(v, p)
                 if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP: keep only this rank's shard
                     v = distribute_tensor(v, p.device_mesh, p.placements)

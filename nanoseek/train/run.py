@@ -64,6 +64,12 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
                    help="expert parallelism under torchrun: the routed experts sharded over groups of N ranks, tokens "
                         "dispatched and combined by all-to-all (N divides the ranks and n_routed_experts); the rest "
                         "stays data parallel over all ranks, the global batch as without --ep")
+    g.add_argument("--ep-redundant", type=int, default=0, metavar="R",
+                   help="with --ep: R redundant expert slots per MoE layer (E + R divisible by N), replicas of the "
+                        "most loaded experts placed by EPLB (nanoseek/eplb.py), as V3's inference does")
+    g.add_argument("--eplb-every", type=int, default=0, metavar="K",
+                   help="with --ep-redundant: re-place the experts every K steps from the router's measured load "
+                        "(0: keep the first placement)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
     g.add_argument("--wandb", action="store_true",
@@ -222,7 +228,8 @@ class Run:
         if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
             if getattr(self.args, "fp8", False) or pp > 1:
                 raise NanoseekError(f"--ep with {'--fp8' if pp == 1 else '--pp'} is not supported yet: choose one")
-            self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device)
+            self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
+                         self.args.eplb_every, model.args.n_group or 1)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
@@ -296,6 +303,8 @@ class Run:
             loads = [m.tokens_per_expert for m in self.model.moe_layers()]
             for load in loads:
                 all_reduce(load)
+            if self.ep is not None:
+                self.ep.observe(loads)
             balance = [round((l.max() / l.mean()).item(), 3) if l.sum() > 0 else None for l in loads]
         skipped = bool(bad.item() > 0)
         if skipped:
@@ -309,7 +318,13 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         if count:
             self.step += 1
+        eplb = {}
+        if self.ep is not None and self.ep.every and count and self.step % self.ep.every == 0:
+            before_after = self.ep.rebalance(self.opt)  # EPLB: the experts re-placed from the load since the last
+            if before_after:
+                eplb = {"eplb_rank_load_max_over_mean": [round(v, 3) for v in before_after]}
         return {**{k: v for k, v in zip(names, vals.tolist())}, "grad_norm": grad_norm.item(), "skipped": skipped,
+                **eplb,
                 "expert_load_max_over_mean": balance}
 
     def all_sum(self, values: dict) -> dict:
