@@ -159,18 +159,22 @@ class EP:
     placement (EPLB)."""
 
     def __init__(self, ep: int, world: int, rank: int, device: torch.device, redundant: int = 0, every: int = 0,
-                 n_group: int = 1):
-        if ep < 1 or world % ep:
-            raise NanoseekError(f"--ep {ep} must divide the number of ranks ({world})")
+                 n_group: int = 1, pp: int = 1):
+        dp = world // pp  # the data-parallel ranks (with PP: those holding the same stages)
+        if ep < 1 or dp % ep:
+            raise NanoseekError(f"--ep {ep} must divide the number of data-parallel ranks ({dp}"
+                                + (f" = {world} ranks / --pp {pp})" if pp > 1 else ")"))
         if redundant < 0 or every < 0:
             raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
-        self.size, self.world, self.rank = ep, world, rank
-        self.index = rank % ep  # this rank's place in its EP group
+        self.size, self.world, self.rank = ep, dp, rank  # world: what a gradient's data-parallel mean divides by
+        self.index = (rank // pp) % ep  # this rank's place in its EP group
         self.redundant, self.every, self.n_group = redundant, every, n_group
         self.layers = []  # the sharded Experts modules, in the model's order (= moe_layers' order)
         self.load = None  # routed tokens per layer and logical expert since the last placement [L, E]
-        if world > 1:
-            self.mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_mod_ep", "ep"))
+        if world > 1:  # ranks ordered (dp_mod_ep, ep, pp), as the pipeline's (dp, pp): EP within the same stages
+            shape, names = ((dp // ep, ep, pp), ("dp_mod_ep", "ep", "pp")) if pp > 1 else \
+                ((dp // ep, ep), ("dp_mod_ep", "ep"))
+            self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
             self.group, self.replicas = self.mesh.get_group("ep"), self.mesh.get_group("dp_mod_ep")
         else:
             self.mesh = self.group = self.replicas = None
@@ -228,23 +232,26 @@ class EP:
             p.grad.div_(self.world)
 
     def grad_norm_sq(self, model: nn.Module) -> torch.Tensor:
-        """Σ g² over the whole model's gradients: the replicated part once, each logical expert once (a slot's share
-        is 1 / its expert's replica count), summed over the EP group."""
+        """Σ g² over the whole model's gradients: the replicated part once, each logical expert once."""
         dense = torch.zeros((), dtype=torch.float32)
-        sharded = torch.zeros((), dtype=torch.float32)
         for p in model.parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            m = getattr(p, "ep_module", None)
-            if m is None:
+            if p.grad is not None and getattr(p, "ep_module", None) is None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 dense += g.detach().float().pow(2).sum().cpu()
-            else:
+        return dense + self.sharded_sq(model.parameters())
+
+    def sharded_sq(self, params) -> torch.Tensor:
+        """Σ g² over the expert shards among `params`, each logical expert once (a slot's share is 1 / its expert's
+        replica count), summed over the EP group."""
+        sharded = torch.zeros((), dtype=torch.float32)
+        for p in params:
+            m = getattr(p, "ep_module", None)
+            if m is not None and p.grad is not None:
                 share = 1.0 / m.local(m.logcnt.float()).cpu()  # [slots]: 1 / the replicas of its expert
-                sharded += (g.detach().float().pow(2).flatten(1).sum(1).cpu() * share).sum()
+                sharded += (p.grad.detach().float().pow(2).flatten(1).sum(1).cpu() * share).sum()
         if self.group is not None:
             dist.all_reduce(sharded, group=self.group)
-        return dense + sharded
+        return sharded
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """A shard's tensor [slots, ...] gathered over the EP group -> [P, ...], physical slot order."""

@@ -236,18 +236,21 @@ class Pipeline:
             w = self.embed_copy.weight if self.has_last else self.model.embed_tokens.weight
             dist.all_reduce(w.grad, group=self._tie())
         if self.dp > 1:
-            for p in self.parameters():
-                if p.grad is not None:
+            for p in self.parameters():  # (expert-parallel shards: expert_parallel.EP.reduce_grads reduces them)
+                if p.grad is not None and getattr(p, "ep_module", None) is None:
                     dist.all_reduce(p.grad, group=self.dp_group)
                     p.grad.div_(self.dp)
 
-    def grad_norm(self) -> torch.Tensor:
-        """The whole model's gradient norm: Σ g² over this rank's stages, summed over the pp ranks (the tied copy of
-        the embedding counted once)."""
+    def grad_norm(self, ep=None) -> torch.Tensor:
+        """The whole model's gradient norm: Σ g² over this rank's stages (the tied copy of the embedding counted once;
+        expert shards through `ep`), summed over the pp ranks."""
         sq = torch.zeros((), dtype=torch.float64)
         for p in self.parameters():
-            if p.grad is not None and (self.embed_copy is None or p is not self.embed_copy.weight):
+            if p.grad is not None and (self.embed_copy is None or p is not self.embed_copy.weight) \
+                    and getattr(p, "ep_module", None) is None:
                 sq += p.grad.detach().double().pow(2).sum().cpu()
+        if ep is not None:
+            sq += ep.sharded_sq(self.parameters()).double()
         dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt().float()
 

@@ -226,10 +226,10 @@ class Run:
             raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
         pp = getattr(self.args, "pp", 1)
         if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
-            if getattr(self.args, "fp8", False) or pp > 1:
-                raise NanoseekError(f"--ep with {'--fp8' if pp == 1 else '--pp'} is not supported yet: choose one")
+            if getattr(self.args, "fp8", False):
+                raise NanoseekError("--ep with --fp8 is not supported yet: choose one")
             self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
-                         self.args.eplb_every, model.args.n_group or 1)
+                         self.args.eplb_every, model.args.n_group or 1, pp)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
@@ -279,9 +279,10 @@ class Run:
         if self.ep is not None or self.pp is not None:  # the norm over the whole model, not this rank's part
             if self.ep is not None:  # the expert shards' gradients to the data-parallel mean
                 self.ep.reduce_grads(self.model)
-                grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
+            if self.pp is not None:
+                grad_norm = self.pp.grad_norm(self.ep).to(self.d.device)
             else:
-                grad_norm = self.pp.grad_norm().to(self.d.device)
+                grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
             coef = clip / (grad_norm.item() + 1e-6)
             if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
                 for g in self.opt.param_groups:
