@@ -20,6 +20,8 @@ optimizer moments) over the EP group, and a resumed run slices what it holds fro
 one EP degree resumes at another.
 """
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -62,6 +64,7 @@ class EPExperts(Experts):
     ep_size = 1
     first = 0  # this rank's first physical slot
     redundant = 0
+    overlap = False  # two micro-batches with asynchronous all-to-alls (--ep-overlap)
 
     def set_placement(self, phy2log, log2phy, logcnt) -> None:
         dev = self.gate_up_proj.device
@@ -86,7 +89,10 @@ class EPExperts(Experts):
         return route_to_replicas(indices, self.log2phy, self.logcnt) if self.redundant else indices
 
     def grouped(self, x, weights, indices):
-        """x [T, D], weights/indices [T, K] (global ids) -> [T, D]: dispatch, local experts, combine."""
+        """x [T, D], weights/indices [T, K] (global ids) -> [T, D]: dispatch, local experts, combine (with
+        `overlap`, in two micro-batches whose exchanges overlap the other's experts: `overlapped`)."""
+        if self.overlap and x.shape[0] >= 2:
+            return self.overlapped(x, weights, indices)
         order, token, in_splits, out_splits, recv_expert = self.plan(self.physical(indices))
         recv = all_to_all(x.index_select(0, token), out_splits, in_splits, self.ep_group)  # dispatch
         ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
@@ -113,45 +119,94 @@ class EPExperts(Experts):
         dist.all_to_all_single(recv_expert, expert - dest * n_local, out_splits, in_splits, group=self.ep_group)
         return order, order // K, in_splits, out_splits, recv_expert
 
-    @torch.no_grad()
     def overlapped(self, x, weights, indices, timings: dict | None = None):
-        """The same result as `grouped` (without autograd), with the tokens in two micro-batches whose all-to-alls
-        run asynchronously: micro-batch B's dispatch travels while A's experts compute, A's combine while B's
-        experts compute (V3's two-micro-batch overlap, §3.4, here within a layer). timings (optional) gets the
-        seconds spent computing and waiting on communication."""
-        import time
+        """The same result as `grouped`, with the tokens in two micro-batches whose all-to-alls run asynchronously:
+        B's dispatch travels while A's experts compute, A's combine while B's experts compute (V3's two-micro-batch
+        overlap, §3.4, here within a layer), and likewise backward (OverlappedExchange). timings (optional) gets the
+        seconds spent computing experts and waiting on communication, forward and backward."""
         T = x.shape[0]
         halves = [slice(0, T // 2), slice(T // 2, T)]
         plans = [self.plan(self.physical(indices[h])) for h in halves]
-        clock = time.perf_counter
-        wait = comp = 0.0
+        train = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
+        return OverlappedExchange.apply(x, weights, self.gate_up_proj, self.down_proj, self, halves, plans,
+                                        timings, train)
+
+
+def _timed(timings, key, fn):
+    t = time.perf_counter()
+    out = fn()
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+    return out
+
+
+class OverlappedExchange(torch.autograd.Function):
+    """EPExperts.overlapped's exchange with autograd: two micro-batches, asynchronous all_to_all_single, each
+    micro-batch's transfer in flight while the other's experts compute, forward and backward. The experts' own graph
+    per micro-batch is kept from the forward and differentiated in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weights, gate_up, down, experts, halves, plans, timings, train):
+        group, D = experts.ep_group, x.shape[1]
         sends = []
         for h, (order, token, ins, outs, _) in zip(halves, plans):  # both dispatches in flight
-            buf = x.new_empty(sum(outs), x.shape[1])
-            sends.append((buf, dist.all_to_all_single(buf, x[h].index_select(0, token), outs, ins,
-                                                      group=self.ep_group, async_op=True)))
-        backs = []
+            buf = x.new_empty(sum(outs), D)
+            sends.append((buf, dist.all_to_all_single(buf, x[h].detach().index_select(0, token), outs, ins,
+                                                      group=group, async_op=True)))
+        graphs, backs = [], []
         for (buf, work), (order, token, ins, outs, recv_expert) in zip(sends, plans):
-            t = clock()
-            work.wait()
-            wait += clock() - t
-            t = clock()
-            ones = torch.ones(buf.shape[0], 1, dtype=torch.float32, device=x.device)
-            out = Experts.grouped(self, buf, ones, recv_expert[:, None]) if buf.shape[0] else buf
-            comp += clock() - t
-            back = x.new_empty(sum(ins), x.shape[1])
-            backs.append((back, dist.all_to_all_single(back, out.contiguous(), ins, outs, group=self.ep_group,
+            _timed(timings, "wait", work.wait)
+            recv = buf.requires_grad_(train)
+            with torch.set_grad_enabled(train):  # this micro-batch's experts, their graph kept for the backward
+                ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
+                out = _timed(timings, "compute", lambda: Experts.grouped(experts, recv, ones, recv_expert[:, None])
+                             if recv.shape[0] else recv * 0.0)
+            graphs.append((recv, out))
+            back = x.new_empty(sum(ins), D)
+            backs.append((back, dist.all_to_all_single(back, out.detach().contiguous(), ins, outs, group=group,
                                                        async_op=True)))
         y = torch.zeros_like(x)
-        for h, (back, work), (order, token, *_), w in zip(halves, backs, plans, (weights[hh] for hh in halves)):
-            t = clock()
-            work.wait()
-            wait += clock() - t
-            y[h].index_add_(0, token, back * w.flatten()[order, None].to(back.dtype))
-        if timings is not None:
-            timings["compute"] = timings.get("compute", 0.0) + comp
-            timings["wait"] = timings.get("wait", 0.0) + wait
+        rows = []
+        for h, (back, work), (order, token, *_) in zip(halves, backs, plans):
+            _timed(timings, "wait", work.wait)
+            rows.append(back)
+            y[h].index_add_(0, token, back * weights[h].flatten()[order, None].to(back.dtype))
+        ctx.save_for_backward(weights)
+        ctx.state = (experts, halves, plans, graphs, rows, timings, gate_up, down)
         return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weights,) = ctx.saved_tensors
+        experts, halves, plans, graphs, rows, timings, gate_up, down = ctx.state
+        group, D = experts.ep_group, dy.shape[1]
+        dx, dw = torch.zeros_like(dy), torch.zeros_like(weights)
+        sends = []
+        for h, (order, token, ins, outs, _), back in zip(halves, plans, rows):  # combine's backward, both in flight
+            g = dy[h].index_select(0, token)  # [pairs, D], each pair's upstream gradient
+            dw[h].view(-1)[order] = (g * back).sum(-1).to(dw.dtype)
+            g = (g * weights[h].flatten()[order, None].to(g.dtype)).contiguous()
+            buf = g.new_empty(sum(outs), D)
+            sends.append((buf, dist.all_to_all_single(buf, g, outs, ins, group=group, async_op=True)))
+        dgu, ddown = torch.zeros_like(gate_up), torch.zeros_like(down)
+        returns = []
+        for (buf, work), (recv, out), (order, token, ins, outs, _) in zip(sends, graphs, plans):
+            _timed(timings, "wait", work.wait)
+
+            def grads():
+                return torch.autograd.grad(out, (recv, gate_up, down), buf, allow_unused=True)
+            g_recv, g_gu, g_down = _timed(timings, "compute", grads)
+            if g_gu is not None:
+                dgu += g_gu
+            if g_down is not None:
+                ddown += g_down
+            back = dy.new_empty(sum(ins), D)
+            returns.append((back, dist.all_to_all_single(back, g_recv.contiguous(), ins, outs, group=group,
+                                                         async_op=True)))
+        for h, (back, work), (order, token, *_) in zip(halves, returns, plans):  # dispatch's backward
+            _timed(timings, "wait", work.wait)
+            dx[h].index_add_(0, token, back)
+        return dx, dw, dgu, ddown, None, None, None, None, None
 
 
 class EP:
@@ -159,7 +214,7 @@ class EP:
     placement (EPLB)."""
 
     def __init__(self, ep: int, world: int, rank: int, device: torch.device, redundant: int = 0, every: int = 0,
-                 n_group: int = 1, pp: int = 1):
+                 n_group: int = 1, pp: int = 1, overlap: bool = False):
         dp = world // pp  # the data-parallel ranks (with PP: those holding the same stages)
         if ep < 1 or dp % ep:
             raise NanoseekError(f"--ep {ep} must divide the number of data-parallel ranks ({dp}"
@@ -168,7 +223,7 @@ class EP:
             raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
         self.size, self.world, self.rank = ep, dp, rank  # world: what a gradient's data-parallel mean divides by
         self.index = (rank // pp) % ep  # this rank's place in its EP group
-        self.redundant, self.every, self.n_group = redundant, every, n_group
+        self.redundant, self.every, self.n_group, self.overlap = redundant, every, n_group, overlap
         self.layers = []  # the sharded Experts modules, in the model's order (= moe_layers' order)
         self.load = None  # routed tokens per layer and logical expert since the last placement [L, E]
         if world > 1:  # ranks ordered (dp_mod_ep, ep, pp), as the pipeline's (dp, pp): EP within the same stages
@@ -195,6 +250,7 @@ class EP:
                                     f"{self.redundant})")
             m.__class__ = EPExperts
             m.ep_group, m.ep_size, m.n_logical, m.redundant = self.group, self.size, E, self.redundant
+            m.overlap = self.overlap
             m.first = self.index * (P // self.size)  # this rank's first physical slot
             phy2log, log2phy, logcnt = self._placement(torch.ones(1, E))
             full = {pname: getattr(m, pname).detach() for pname in ("gate_up_proj", "down_proj")}

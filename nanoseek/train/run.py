@@ -64,6 +64,9 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
                    help="expert parallelism under torchrun: the routed experts sharded over groups of N ranks, tokens "
                         "dispatched and combined by all-to-all (N divides the ranks and n_routed_experts); the rest "
                         "stays data parallel over all ranks, the global batch as without --ep")
+    g.add_argument("--ep-overlap", action="store_true",
+                   help="with --ep: each MoE layer's tokens in two micro-batches whose all-to-alls run asynchronously, "
+                        "one's dispatch and combine overlapping the other's experts, forward and backward")
     g.add_argument("--ep-redundant", type=int, default=0, metavar="R",
                    help="with --ep: R redundant expert slots per MoE layer (E + R divisible by N), replicas of the "
                         "most loaded experts placed by EPLB (nanoseek/eplb.py), as V3's inference does")
@@ -229,7 +232,7 @@ class Run:
             if getattr(self.args, "fp8", False):
                 raise NanoseekError("--ep with --fp8 is not supported yet: choose one")
             self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
-                         self.args.eplb_every, model.args.n_group or 1, pp)
+                         self.args.eplb_every, model.args.n_group or 1, pp, self.args.ep_overlap)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
