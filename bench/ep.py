@@ -14,6 +14,7 @@ Per layer forward, and forward + backward (median of --reps, each rank's own tok
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -35,7 +36,9 @@ def main():
     args = ap.parse_args()
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{rank}" if args.device.startswith("cuda") else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if args.device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(0)
     margs = get_preset(args.preset)
     moe = MoE(margs).to(device)
