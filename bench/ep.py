@@ -36,7 +36,8 @@ def main():
     args = ap.parse_args()
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if args.device.startswith("cuda") else "cpu")
+    cuda = args.device.startswith("cuda")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(0)

@@ -104,8 +104,8 @@ class EPExperts(Experts):
     reference = grouped  # the paper's loop runs on a rank's own experts only through the exchange above
 
     def plan(self, indices):
-        """The exchange for routing to the slots `indices` [T, K]: pair order, tokens, and the rows sent to / received from each
-        rank (one small synchronous all-to-all of the counts), the local expert of each received row."""
+        """The exchange for routing to the slots `indices` [T, K]: pair order, tokens, and the rows sent to / received
+        from each rank (one small synchronous all-to-all of the counts), the local expert of each received row."""
         n_local, K = self.gate_up_proj.shape[0], indices.shape[1]
         flat = indices.flatten()
         order = flat.argsort(stable=True)

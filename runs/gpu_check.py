@@ -91,7 +91,9 @@ def main():
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
             rc, text = r.returncode, r.stdout + r.stderr
         except subprocess.TimeoutExpired as e:
-            rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            out_, err_ = (e.stdout or b""), (e.stderr or b"")
+            rc, text = "timeout", (out_.decode(errors="replace") if isinstance(out_, bytes) else out_) + \
+                (err_.decode(errors="replace") if isinstance(err_, bytes) else err_)
         took = time.time() - t
         log.write(text)
         log.flush()
