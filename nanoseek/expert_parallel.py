@@ -215,12 +215,8 @@ class EP:
 
     def __init__(self, ep: int, world: int, rank: int, device: torch.device, redundant: int = 0, every: int = 0,
                  n_group: int = 1, pp: int = 1, overlap: bool = False):
+        self.check(ep, world, pp, redundant, every)
         dp = world // pp  # the data-parallel ranks (with PP: those holding the same stages)
-        if ep < 1 or dp % ep:
-            raise NanoseekError(f"--ep {ep} must divide the number of data-parallel ranks ({dp}"
-                                + (f" = {world} ranks / --pp {pp})" if pp > 1 else ")"))
-        if redundant < 0 or every < 0:
-            raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
         self.size, self.world, self.rank = ep, dp, rank  # world: what a gradient's data-parallel mean divides by
         self.index = (rank // pp) % ep  # this rank's place in its EP group
         self.redundant, self.every, self.n_group, self.overlap = redundant, every, n_group, overlap
@@ -233,6 +229,17 @@ class EP:
             self.group, self.replicas = self.mesh.get_group("ep"), self.mesh.get_group("dp_mod_ep")
         else:
             self.mesh = self.group = self.replicas = None
+
+    @staticmethod
+    def check(ep: int, world: int, pp: int = 1, redundant: int = 0, every: int = 0) -> None:
+        """One line for an EP configuration that cannot be (the trainers call it before touching anything)."""
+        if ep < 1:
+            raise NanoseekError(f"--ep must be >= 1, got {ep}")
+        if redundant < 0 or every < 0:
+            raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
+        if (world // pp) % ep:
+            raise NanoseekError(f"--ep {ep} must divide the number of data-parallel ranks ({world // pp}"
+                                + (f" = {world} ranks / --pp {pp})" if pp > 1 else "); run it under torchrun"))
 
     def shard(self, model: nn.Module) -> list[str]:
         """Keep this rank's experts in every MoE layer (the model's and the MTP module's), in place; call before the

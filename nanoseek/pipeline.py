@@ -150,7 +150,14 @@ class Pipeline:
             module = Stage(model, bounds[s], bounds[s + 1], first, last, embed if first or last else None)
             self.modules.append(module)
             stages.append(PipelineStage(module, s, S, device, group=self.pp_group))
-        self._tie()  # every rank creates the tie groups, in the same order
+        # the pp ranks holding the first and the last stage, when they differ: one group per dp replica (every rank
+        # creates every group, in the same order); this rank's, where it holds one of those stages
+        self.tie_group = None
+        if self.last_owner != 0:
+            for d in range(self.dp):
+                g = dist.new_group([d * pp, d * pp + self.last_owner])
+                if d == self.dp_rank and self.pp_rank in (0, self.last_owner):
+                    self.tie_group = g
         self.parts = {}  # the last stage's loss terms of the current step, for the logs
         cls = SCHEDULES[schedule]
         try:
@@ -209,32 +216,21 @@ class Pipeline:
                 for k in ("loss", "mtp_loss", "total_loss")} | {"balance_loss": zero}
 
     # ---- the ranks together ----
-    def _tie(self):
-        """The group of the pp ranks holding the first and the last stage, when they differ (one per dp replica;
-        every rank creates every group, in the same order)."""
-        if not hasattr(self, "_tie_group"):
-            self._tie_group = None
-            if self.last_owner != 0:
-                for d in range(self.dp):
-                    g = dist.new_group([d * self.pp, d * self.pp + self.last_owner])
-                    if d == self.dp_rank:
-                        self._tie_group = g
-        return self._tie_group
-
     @torch.no_grad()
     def sync_grads(self) -> None:
         """The tied embedding copies' gradients summed (first and last stage: on one rank, or over the tie group),
         then the data-parallel mean."""
-        for w in (self.model.embed_tokens.weight, self.embed_copy.weight if self.embed_copy is not None else None):
-            if w is not None and w.grad is None and (self.has_first if w is self.model.embed_tokens.weight else 1):
+        tied = ([self.model.embed_tokens.weight] if self.has_first else []) + \
+            ([self.embed_copy.weight] if self.has_last else [])
+        for w in tied:
+            if w.grad is None:
                 w.grad = torch.zeros_like(w)
-        if self.has_first and self.has_last:
-            total = self.model.embed_tokens.weight.grad + self.embed_copy.weight.grad
-            self.model.embed_tokens.weight.grad.copy_(total)
-            self.embed_copy.weight.grad.copy_(total)
-        elif self.pp_rank in (0, self.last_owner) and self._tie() is not None:
-            w = self.embed_copy.weight if self.has_last else self.model.embed_tokens.weight
-            dist.all_reduce(w.grad, group=self._tie())
+        if len(tied) == 2:  # both stages here (the V schedules' rank 0)
+            total = tied[0].grad + tied[1].grad
+            for w in tied:
+                w.grad.copy_(total)
+        elif tied and self.tie_group is not None:
+            dist.all_reduce(tied[0].grad, group=self.tie_group)
         if self.dp > 1:
             for p in self.parameters():  # (expert-parallel shards: expert_parallel.EP.reduce_grads reduces them)
                 if p.grad is not None and getattr(p, "ep_module", None) is None:

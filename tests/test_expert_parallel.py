@@ -8,30 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from nanoseek.cli import main
+from tests.test_pretrain import data, metrics  # noqa: F401  (data: the 600-document corpus fixture)
 
 SMALL = ["--seq-len", "64", "--eval-every", "3", "--eval-batches", "2", "--warmup", "2", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data") / "d"
-    assert main(["data", "--out", str(d), "--docs", "600", "--vocab-size", "512"]) == 0
-    return d
-
-
-def metrics(run) -> list[dict]:
-    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def torchrun(*args):
+def torchrun(*args, nproc: int = 2):
     exe = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(exe), "--nproc_per_node", "2", "-m", "nanoseek", *args], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([str(exe), "--nproc_per_node", str(nproc), "-m", "nanoseek", *args], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -43,16 +43,10 @@ def test_pp2_equals_one_process(runs, schedule):
 
 def test_pp_with_ep_and_dp_equals_one_process(runs):
     """4 gloo ranks = PP 2 x DP 2, EP 2 inside the data-parallel ranks of each stage: the one-process run still."""
-    import subprocess
-    import sys
     root, common = runs
     out = root / "pp_ep_dp"
-    exe = Path(sys.executable).parent / "torchrun"
     assert common[-2:] == ["--batch-size", "4"]  # the global batch: 2 per data-parallel rank here
-    r = subprocess.run([str(exe), "--nproc_per_node", "4", "-m", "nanoseek", *common[:-1], "2", "--out", str(out),
-                        "--pp", "2", "--pp-microbatches", "2", "--ep", "2"], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*common[:-1], "2", "--out", str(out), "--pp", "2", "--pp-microbatches", "2", "--ep", "2", nproc=4)
     a, b = metrics(root / "one"), metrics(out)
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["grad_norm"] - y["grad_norm"]) <= \

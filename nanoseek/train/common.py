@@ -116,14 +116,15 @@ def gather_full(model, opt, ep=None) -> dict:
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
                            subset: bool = False) -> None:
     """subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
-    saved_groups = [g for g in groups if g["names"] or not subset]
-    mine = [g for g in opt.param_groups if g["names"] or not subset]
-    if subset:
+    if subset:  # each of this rank's (non-empty) groups within the saved group that holds its names
+        mine = [g for g in opt.param_groups if g["names"]]
         saved_groups = [next((s for s in groups if set(g["names"]) <= set(s["names"])), None) for g in mine]
+    else:
+        mine, saved_groups = opt.param_groups, groups
     if len(saved_groups) != len(mine) or any(s is None for s in saved_groups):
         raise NanoseekError("the checkpoint's optimizer has a different parameter grouping")
     for g, saved in zip(mine, saved_groups):
-        if saved["names"] != g["names"] and not (subset and set(g["names"]) <= set(saved["names"])):
+        if not subset and saved["names"] != g["names"]:
             raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "names"})
         for name, p in zip(g["names"], g["params"]):

@@ -174,20 +174,13 @@ class Run:
         self.d = init_distributed(args.device)
         if getattr(args, "fp8_pow2", False) and not getattr(args, "fp8", False):
             raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
-        if getattr(args, "ep_redundant", 0) < 0 or getattr(args, "eplb_every", 0) < 0:
-            raise NanoseekError("--ep-redundant and --eplb-every must be >= 0")
-        if getattr(args, "ep", 1) <= 1 and (getattr(args, "ep_redundant", 0) or getattr(args, "eplb_every", 0)
-                                            or getattr(args, "ep_overlap", False)):
-            raise NanoseekError("--ep-redundant, --eplb-every and --ep-overlap apply to expert parallelism: add --ep N")
-        if getattr(args, "ep", 1) < 1:
-            raise NanoseekError(f"--ep must be >= 1, got {args.ep}")
         pp = getattr(args, "pp", 1)
         if pp > 1 and self.d.world % pp:
             raise NanoseekError(f"--pp {pp} must divide the number of ranks ({self.d.world})")
-        ep = getattr(args, "ep", 1)
-        if ep > 1 and (self.d.world // pp) % ep:
-            raise NanoseekError(f"--ep {ep} must divide the number of data-parallel ranks ({self.d.world // pp}"
-                                + (f" = {self.d.world} ranks / --pp {pp})" if pp > 1 else "); run it under torchrun"))
+        ep, redundant, every = getattr(args, "ep", 1), getattr(args, "ep_redundant", 0), getattr(args, "eplb_every", 0)
+        EP.check(ep, self.d.world, pp, redundant, every)
+        if ep == 1 and (redundant or every or getattr(args, "ep_overlap", False)):
+            raise NanoseekError("--ep-redundant, --eplb-every and --ep-overlap apply to expert parallelism: add --ep N")
         # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
         self.data_rank, self.data_world = self.d.rank // pp, self.d.world // pp
         self.ep = self.pp = None
