@@ -193,6 +193,15 @@ def cmd_distill(args):
     _distributed(run)(args)
 
 
+def cmd_families(args):
+    from nanoseek.data.tasks import write_families
+    spec = write_families(args.out, args.trained, args.heldout)
+    for part, fams in spec.items():
+        for f, cfg in fams.items():
+            print(f"{part:8} {f:18} {json.dumps(cfg)}")
+    print(f"-> {args.out}  (pass it to pretrain / sft / rl / eval / distill as --families {args.out})")
+
+
 def cmd_eval(args):
     from nanoseek.evaluate import main as evaluate
     evaluate(args)
@@ -290,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="a few-second smoke test: tokenizer, tiny model, save, load, generate")
     sp.add_argument("--out", default="out/demo", help="checkpoint directory to write (default out/demo)")
-    sp.add_argument("--preset", default="tiny", choices=list(PRESETS)[:2], help="model preset (default tiny)")
+    sp.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model preset (default tiny)")
     sp.add_argument("--docs", type=int, default=4000, help="reasoning-gym documents to train the tokenizer on")
     sp.add_argument("--vocab-size", type=int, default=4096, help="tokenizer and model vocabulary size")
     sp.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at the end")
@@ -366,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill_args(sp)
     sft_args(sp, distill=True)
     sp.set_defaults(fn=cmd_distill)
+
+    sp = sub.add_parser("families", help="write a families.json: the trained and held-out reasoning-gym families "
+                                         "with their exact configs, for every stage's --families")
+    from nanoseek.data.tasks import DEFAULT_HELDOUT, FAMILIES, RL_FAMILIES
+    sp.add_argument("--out", required=True, help="the file to write (e.g. OUT/families.json)")
+    sp.add_argument("--trained", nargs="+", default=list(RL_FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
+                    help=f"trained families (default: {' '.join(RL_FAMILIES)})")
+    sp.add_argument("--heldout", nargs="*", default=list(DEFAULT_HELDOUT), choices=list(FAMILIES), metavar="FAMILY",
+                    help=f"families never trained, only scored (default: {' '.join(DEFAULT_HELDOUT)})")
+    sp.set_defaults(fn=cmd_families)
 
     sp = sub.add_parser("eval", help="pass@1 over k samples, pass@k, majority vote and accuracy against the thinking "
                                      "budget on held-out reasoning-gym tasks")
@@ -453,6 +472,22 @@ def _check_ranges(args):
         raise NanoseekError(f"--temperature must be >= 0, got {t}")
 
 
+def _resolve_families(args):
+    """`--families FILE.json` (a run's families.json) stands for its trained families with their configs, and for
+    its held-out ones where the command has `--heldout` and it was not given."""
+    fams = getattr(args, "families", None)
+    if isinstance(fams, list) and len(fams) == 1 and str(fams[0]).endswith(".json"):
+        from nanoseek.data.tasks import read_families
+        spec = read_families(fams[0])
+        args.families = spec["trained"]
+        if hasattr(args, "heldout") and args.heldout is None:
+            args.heldout = spec["heldout"]
+    held = getattr(args, "heldout", None)
+    if isinstance(held, list) and len(held) == 1 and str(held[0]).endswith(".json"):
+        from nanoseek.data.tasks import read_families
+        args.heldout = read_families(held[0])["heldout"]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -461,6 +496,7 @@ def main(argv=None) -> int:
         return 0
     try:
         _check_ranges(args)
+        _resolve_families(args)
         args.fn(args)
     except NanoseekError as e:
         print(f"nanoseek {args.cmd}: error: {e}", file=sys.stderr)

@@ -236,7 +236,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Presets. `tiny` is the CPU default; `small` a GPU-sized MoE; `v2-lite` and `v3` the published shapes.
+# Presets. `tiny` is the CPU default; `tiny-dense` a smaller dense student for distillation (R1 distils into dense
+# models); `small` a GPU-sized MoE; `v2-lite` and `v3` the published shapes.
 
 _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
             "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -248,6 +249,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         max_position_embeddings=1024, rope_scaling=None, torch_dtype="float32"),
+    "cpu": dict(  # the CPU main job's model: tiny with a 512-token vocabulary. The reasoning corpus needs no more
+        # (4% more tokens per document than at 4,096, bench/RESULTS.md), and the output head, half of tiny's FLOPs
+        # at 4,096 with MTP's second pass, shrinks 8x: the time goes to the body and to more tokens
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
+        num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        max_position_embeddings=1024, rope_scaling=None, torch_dtype="float32"),
+    "tiny-dense": dict(  # ~1M parameters, dense (no routed experts), MLA, no MTP: the CPU distillation student
+        vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_nextn_predict_layers=0,
+        num_attention_heads=3, num_key_value_heads=3, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=None, n_routed_experts=None, first_k_dense_replace=3,
+        n_group=1, topk_group=1, max_position_embeddings=1024, rope_scaling=None, torch_dtype="float32"),
     "small": dict(  # ~1.2B total / ~0.25B active, for one GPU
         vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=384, num_hidden_layers=16,
         num_nextn_predict_layers=1, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384,

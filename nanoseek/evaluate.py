@@ -26,7 +26,7 @@ import torch
 
 from nanoseek.checkpoint import atomic_write
 from nanoseek.data.chat import SEED_EVAL
-from nanoseek.data.tasks import RL_FAMILIES, problem_pool
+from nanoseek.data.tasks import RL_FAMILIES, family_configs, problem_pool
 from nanoseek.engine import SamplingParams, generate_all, sample_seed
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
@@ -39,8 +39,11 @@ EVAL_HELDOUT = ("basic_arithmetic",)
 def add_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="model directory (with its tokenizer)")
     p.add_argument("--out", required=True, help="directory for eval.json, eval.md and tts.png")
-    p.add_argument("--families", nargs="*", default=list(RL_FAMILIES), help="trained families to evaluate")
-    p.add_argument("--heldout", nargs="*", default=list(EVAL_HELDOUT), help="families never trained on")
+    p.add_argument("--families", nargs="*", default=list(RL_FAMILIES),
+                   help="trained families to evaluate, or a run's families.json (its trained and held-out families "
+                        "with their exact configs)")
+    p.add_argument("--heldout", nargs="*", default=None,
+                   help=f"families never trained on (default: {' '.join(EVAL_HELDOUT)}, or the families.json's)")
     p.add_argument("--problems", type=int, default=50, help="problems per family")
     p.add_argument("-k", "--samples", type=int, default=8, help="samples per problem (pass@1 is their mean)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1: 0.6)")
@@ -229,6 +232,8 @@ def main(args) -> dict:
     budgets = parse_budgets(args.budgets)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.heldout is None:
+        args.heldout = list(EVAL_HELDOUT)
     overlap = set(args.families) & set(args.heldout)
     if overlap:
         raise NanoseekError(f"{sorted(overlap)} cannot be both trained and held out")
@@ -237,8 +242,9 @@ def main(args) -> dict:
     model = from_pretrained(args.checkpoint, device=device)
     if model.tokenizer is None:
         raise NanoseekError(f"{args.checkpoint} has no tokenizer.json")
+    configs = {**family_configs(args.heldout), **family_configs(args.families)}
     families = list(args.families) + list(args.heldout)
-    problems = problem_pool(families, args.problems, args.seed, SEED_EVAL)
+    problems = problem_pool({f: configs[f] for f in families}, args.problems, args.seed, SEED_EVAL)
     label = args.label or Path(args.checkpoint).resolve().parent.name
     print(f"eval {label}: {len(problems)} problems ({', '.join(families)}), k={args.samples}, "
           f"T {args.temperature}, top-p {args.top_p}", flush=True)
@@ -246,7 +252,7 @@ def main(args) -> dict:
     result = evaluate(model, model.tokenizer, problems, args.samples, args.temperature, args.top_p,
                       args.max_new_tokens, args.seed, budgets, args.budget_samples, args.max_batch)
     result.update(label=label, checkpoint=str(args.checkpoint), trained=list(args.families),
-                  heldout=list(args.heldout), seconds=time.time() - t0)
+                  heldout=list(args.heldout), configs=configs, seconds=time.time() - t0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if result["tts"]:

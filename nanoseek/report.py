@@ -132,6 +132,69 @@ def plots(run: Path, out: Path, stages: dict, evals: dict) -> list[str]:
     return made
 
 
+def cell(text: str) -> str:
+    """A sampled completion as one markdown table cell: lines kept as <br>, pipes escaped."""
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def side_by_side(before: dict, after: dict, labels=("SFT", "GRPO")) -> list[str]:
+    """The first sample of the same held-out problem from two evaluations, one problem per trained family: the first
+    whose count of right samples rose, else the family's first problem."""
+    rows_b = {(r["family"], r["question"]): r for r in before["per_problem"]}
+    L = [f"| problem | {labels[0]} | {labels[1]} |", "|---|---|---|"]
+    for fam in before["trained"]:
+        pairs = [(rows_b[(r["family"], r["question"])], r) for r in after["per_problem"]
+                 if r["family"] == fam and (r["family"], r["question"]) in rows_b]
+        if not pairs:
+            continue
+        b, a = next(((b, a) for b, a in pairs if a["correct"] > b["correct"]), pairs[0])
+        L.append(f"| **{fam}**<br>{cell(b['question'])}<br>(answer {cell(b['answer'])}) | "
+                 f"{cell(b['example'])}<br>*{b['correct']}/{b['k']} samples right* | "
+                 f"{cell(a['example'])}<br>*{a['correct']}/{a['k']} samples right* |")
+    return L
+
+
+def param_count(model_dir: Path) -> str:
+    """'2.66M' from a checkpoint's config.json (the model built on the meta device: no memory, no weights read)."""
+    try:
+        import torch
+        from nanoseek.config import ModelArgs
+        from nanoseek.model import build_model
+        with torch.device("meta"):
+            m = build_model(ModelArgs.from_json(model_dir / "config.json"))
+        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+    except Exception:  # a report never fails on a model it only describes
+        return "?"
+
+
+def distillation(run: Path, evals: dict) -> list[str]:
+    """runs/distill_cpu.sh's comparison: the smaller student given SFT, SFT + GRPO, or distilled from the GRPO
+    teacher, scored on the main job's held-out problems, with paired differences."""
+    d = run / "distill"
+    ways = {w: read_json(d / "eval" / w / "eval.json") for w in ("sft", "rl", "distilled")}
+    ways = {w: r for w, r in ways.items() if r}
+    if not ways:
+        return []
+    names = {"sft": "student, SFT", "rl": "student, SFT + GRPO", "distilled": "student, distilled from the teacher"}
+    dirs = {"sft": d / "sft" / "model", "rl": d / "rl" / "model", "distilled": d / "distilled" / "sft" / "model"}
+    rows = ([("teacher (the GRPO model above)", evals["rl"], run / "rl" / "model")] if "rl" in evals else []) + \
+        [(names[w], r, dirs[w]) for w, r in ways.items()]
+    L = ["## Distillation (runs/distill_cpu.sh)", "",
+         "A smaller dense student (`tiny-dense`), pretrained on the same corpus, then fine-tuned three ways; all "
+         "scored on the same held-out problems as the models above.", "",
+         "| model | parameters | trained families pass@1 | held-out family pass@1 |", "|---|---|---|---|"]
+    for name, r, path in rows:
+        tm, tci = pooled(r, r["trained"])
+        hm, hci = pooled(r, r["heldout"])
+        L.append(f"| {name} | {param_count(path)} | {tm:.3f} ± {tci:.3f} | {hm:.3f} ± {hci:.3f} |")
+    L.append("")
+    for a, b in (("sft", "distilled"), ("rl", "distilled"), ("sft", "rl")):
+        if a in ways and b in ways:
+            m, ci, n = paired(ways[a], ways[b], ways[a]["trained"])
+            L.append(f"- {names[b]} − {names[a]}, trained families: {m:+.3f} ± {ci:.3f} (paired, {n} problems)")
+    return L + [""]
+
+
 def build(run) -> str:
     run = Path(run)
     if not run.is_dir():
@@ -145,6 +208,13 @@ def build(run) -> str:
     L = [f"# nanoseek speedrun report", "",
          f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.node()} · {platform.processor() or platform.machine()} · "
          f"run `{run}`", ""]
+    fam_file = run / "families.json"
+    if fam_file.is_file():
+        spec = json.loads(fam_file.read_text())
+        L += ["Task families (`families.json`, the reasoning-gym configs every stage reads): trained "
+              + "; ".join(f"`{f}` {json.dumps(c)}" for f, c in spec.get("trained", {}).items())
+              + "; never trained, only scored: "
+              + ("; ".join(f"`{f}` {json.dumps(c)}" for f, c in spec.get("heldout", {}).items()) or "none") + ".", ""]
     # ---- results ----
     if evals:
         k = next(iter(evals.values()))["k"]
@@ -199,6 +269,12 @@ def build(run) -> str:
                     cells.append(f"{tr:.3f} | {ho:.3f} | {th:.1f}")
                 L.append(f"| {bgt if bgt is not None else 'unlimited'} | " + " | ".join(cells) + " |")
             L += ["", "![test-time scaling](plots/tts.png)", ""]
+        if "sft" in evals and "rl" in evals and all("example" in r for r in evals["sft"]["per_problem"][:1]):
+            L += ["## Thoughts before and after RL", "",
+                  "The first of the k samples (same seed) for the same held-out problem, one problem per trained "
+                  "family: the first whose count of right samples rose under GRPO, else the family's first.", ""]
+            L += side_by_side(evals["sft"], evals["rl"]) + [""]
+    L += distillation(run, evals)
     # ---- training curves ----
     L += ["## Training", ""]
     p = stages["pretrain"]

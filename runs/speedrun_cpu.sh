@@ -10,8 +10,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-out/speedrun}
 NS=.venv/bin/nanoseek
 # the task families the tiny model is trained and scored on (sizes in nanoseek/data/tasks.py); basic_arithmetic is
-# never trained: the held-out family
-FAMILIES="chain_sum simple_equations letter_counting count_bits"
+# never trained: the held-out family. OUT/families.json records their exact reasoning-gym configs, and every stage
+# reads it: write (or edit) it before the first run to train other families or sizes.
+FAMILIES="$OUT/families.json"
 # GRPO at a low learning rate with DeepSeekMath's β 0.04: at R1's β 0.001 and lr 1e-4 the tiny model drifts off what
 # SFT taught and forgets arithmetic (bench/RESULTS.md, "GRPO, round 2")
 RL_ARGS="--lr 3e-5 --beta 0.04"
@@ -23,6 +24,9 @@ EVAL_ARGS="--problems 100 --budget-samples 4 --budgets 0,4,8,16,32,none"
 t0=$(date +%s)
 stage() { echo; echo "=== $1  ($(( ($(date +%s) - t0) / 60 )) min so far)"; }
 
+mkdir -p "$OUT"
+[ -f "$FAMILIES" ] || $NS families --out "$FAMILIES" --trained chain_sum simple_equations letter_counting count_bits \
+  --heldout basic_arithmetic
 stage "pretrain"
 $NS pretrain --preset tiny --out "$OUT/pretrain" --resume auto --families $FAMILIES
 stage "cold-start SFT"

@@ -13,9 +13,13 @@ OUT=${OUT:-out/gpu_small}
 PRESET=${PRESET:-small}
 NS=.venv/bin/nanoseek
 RUN=".venv/bin/torchrun --standalone --nproc_per_node $NGPU -m nanoseek"
-FAMILIES="chain_sum simple_equations letter_counting spell_backward count_bits gsm_symbolic"
+# the trained and held-out families with their exact reasoning-gym configs, read by every stage (edit to change them)
+FAMILIES="$OUT/families.json"
+mkdir -p "$OUT"
+[ -f "$FAMILIES" ] || $NS families --out "$FAMILIES" --heldout basic_arithmetic \
+  --trained chain_sum simple_equations letter_counting spell_backward count_bits gsm_symbolic
 
-[ -f "$OUT/data/meta.json" ] || $NS data --out "$OUT/data" --docs 400000 --vocab-size 32768
+[ -f "$OUT/data/meta.json" ] || $NS data --out "$OUT/data" --docs 400000 --vocab-size 32768 --families $FAMILIES
 $RUN pretrain --preset "$PRESET" --data "$OUT/data" --out "$OUT/pretrain" --resume auto \
   --max-steps 3000 --seq-len 1024 --batch-size 16 --lr 1.5e-3 --save-every 500 --eval-every 250
 $RUN sft --init "$OUT/pretrain/model" --out "$OUT/sft" --resume auto --families $FAMILIES \

@@ -258,7 +258,22 @@ def test_eval_and_report(sft_model, tmp_path):
     assert main(["report", str(run)]) == 0
     text = (run / "report.md").read_text()
     assert "GRPO − SFT, trained families: +0.000 ± 0.000" in text and "## Cost" in text
+    assert "## Thoughts before and after RL" in text and "samples right*" in text
     assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "tts.png").is_file()
+    # a families.json: its trained and held-out families, with their configs, are what eval draws and scores
+    from nanoseek.data.tasks import write_families
+    spec = write_families(run / "families.json", ["chain_sum"], ["count_bits"])
+    spec["trained"]["chain_sum"].update(min_terms=2, max_terms=2)
+    (run / "families.json").write_text(json.dumps(spec))
+    assert main(["eval", "--checkpoint", str(sft_model), "--out", str(tmp_path / "e3"), "--problems", "2", "-k", "1",
+                 "--max-new-tokens", "4", "--budgets", "", "--threads", "1", "--families",
+                 str(run / "families.json")]) == 0
+    res = json.loads((tmp_path / "e3" / "eval.json").read_text())
+    assert res["trained"] == ["chain_sum"] and res["heldout"] == ["count_bits"] and res["configs"] == \
+        {**spec["trained"], **spec["heldout"]}
+    assert all(r["question"].count(" + ") + r["question"].count(" - ") == 1
+               for r in res["per_problem"] if r["family"] == "chain_sum")
+    assert main(["report", str(run)]) == 0 and "Task families (`families.json`" in (run / "report.md").read_text()
     r = cli("eval", "--checkpoint", str(sft_model), "--out", str(tmp_path / "e2"), "--budgets", "4,many")
     assert r.returncode == 1 and "'many' is not a number" in r.stderr
 

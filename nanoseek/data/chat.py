@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nanoseek.data.loader import WindowOrder
-from nanoseek.data.tasks import DEFAULT_TRAIN, generate
+from nanoseek.data.tasks import DEFAULT_TRAIN, family_configs, generate
 from nanoseek.errors import NanoseekError
 
 # seed offsets of the problem sets (pretraining uses seed*1000 + i for train, +500 val, +900 held-out)
@@ -34,12 +34,12 @@ def cold_start_rows(n: int, seed: int = 0, families=None, partial: float = 0.0) 
     included), followed by the right answer all the same: the model learns to answer from however far it has
     thought (the engine's thinking budget cuts a thought back to its last whole step, `Engine._cut_thought`), and
     reinforcement learning has a choice to make between thinking to the end and answering early."""
-    families = tuple(families or DEFAULT_TRAIN)
+    families = family_configs(families or DEFAULT_TRAIN)
     per = -(-n // len(families))
     cut = np.random.default_rng([seed, 1])  # its own stream: partial=0 keeps the rows of before
     rows = []
-    for i, f in enumerate(families):
-        for ex in generate(f, per, seed * 1000 + SEED_SFT + i):
+    for i, (f, cfg) in enumerate(families.items()):
+        for ex in generate(f, per, seed * 1000 + SEED_SFT + i, cfg):
             steps = ex["steps"]
             if partial > 0 and cut.random() < partial:
                 steps = steps[:int(cut.integers(0, len(steps)))]

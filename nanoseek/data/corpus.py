@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.checkpoint import atomic_dir
-from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, check_families, generate, render
+from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, family_configs, generate, render
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import Tokenizer
 
@@ -28,27 +28,26 @@ SHARD_TOKENS = 50_000_000  # tokens per shard file
 
 def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
     """n worked examples drawn evenly from the training families, rendered as text."""
-    families = families or DEFAULT_TRAIN
+    families = family_configs(families or DEFAULT_TRAIN)
     per = -(-n // len(families))
-    docs = [render(ex) for i, f in enumerate(families) for ex in generate(f, per, seed * 1000 + i)]
+    docs = [render(ex) for i, (f, cfg) in enumerate(families.items()) for ex in generate(f, per, seed * 1000 + i, cfg)]
     random.Random(seed).shuffle(docs)
     return docs[:n]
 
 
 def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[str, list[dict]]:
     """The embedded corpus: examples (question, answer, steps, family) per split."""
-    families, heldout = tuple(families or DEFAULT_TRAIN), tuple(heldout or DEFAULT_HELDOUT)
-    check_families(families + heldout)
+    families, heldout = family_configs(families or DEFAULT_TRAIN), family_configs(heldout or DEFAULT_HELDOUT)
     if set(families) & set(heldout):
         raise NanoseekError(f"families {sorted(set(families) & set(heldout))} cannot be both trained and held out")
     per = -(-docs // len(families))
     n_val = max(50, per // 20)
     splits = {"train": [], "val": [], "heldout": []}
-    for i, f in enumerate(families):  # different seeds per split: unseen problems for validation
-        splits["train"] += generate(f, per, seed * 1000 + i)
-        splits["val"] += generate(f, n_val, seed * 1000 + 500 + i)
-    for i, f in enumerate(heldout):
-        splits["heldout"] += generate(f, n_val * 4, seed * 1000 + 900 + i)
+    for i, (f, cfg) in enumerate(families.items()):  # different seeds per split: unseen problems for validation
+        splits["train"] += generate(f, per, seed * 1000 + i, cfg)
+        splits["val"] += generate(f, n_val, seed * 1000 + 500 + i, cfg)
+    for i, (f, cfg) in enumerate(heldout.items()):
+        splits["heldout"] += generate(f, n_val * 4, seed * 1000 + 900 + i, cfg)
     random.Random(seed).shuffle(splits["train"])
     return splits
 
@@ -161,7 +160,8 @@ def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokeni
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "seed": seed, "splits": {},
             "source": "files" if files else "reasoning-gym",
-            "families": list(families or []) or None, "heldout_families": list(heldout or []) or None}
+            "families": family_configs(families) if families else None,
+            "heldout_families": family_configs(heldout) if heldout else None}
     for split, d in split_docs.items():
         if not d:
             continue

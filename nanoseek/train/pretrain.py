@@ -34,7 +34,7 @@ from nanoseek.train.run import Run, add_run_args, check_positive
 def add_args(p) -> None:
     g = p.add_argument_group("model and data")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", choices=list(PRESETS)[:3], help="model preset (default tiny)")
+    src.add_argument("--preset", default="tiny", choices=[p for p in PRESETS if p != "v3"], help="model preset (default tiny)")
     src.add_argument("--config", help="a config.json (DeepseekV3Config format) instead of a preset")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, ledger.json, model/")
     g.add_argument("--data", help="a data directory from `nanoseek data` (default: the embedded reasoning corpus, "
@@ -42,7 +42,9 @@ def add_args(p) -> None:
     g.add_argument("--docs", type=int, default=60000, help="documents of the embedded corpus when --data is not given")
     g.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                    help="reasoning-gym families of the embedded corpus (default: all training families, "
-                        "gsm_symbolic included); the held-out family stays basic_arithmetic")
+                        "gsm_symbolic included), or a families.json (its trained and held-out families and configs)")
+    g.add_argument("--heldout", nargs="+", default=None, metavar="FAMILY",
+                   help="families never trained, for the held-out loss (default basic_arithmetic)")
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -82,8 +84,8 @@ def check_args(args) -> None:
     if args.families:
         check_families(args.families)
         for f in args.families:
-            if f in DEFAULT_HELDOUT:
-                raise NanoseekError(f"{f} is the held-out family (never trained, to measure generalisation); "
+            if f in (args.heldout or DEFAULT_HELDOUT):
+                raise NanoseekError(f"{f} is a held-out family (never trained, to measure generalisation); "
                                     f"leave it out of --families")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise NanoseekError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
@@ -114,7 +116,8 @@ def load_data(run: Run, args, margs: ModelArgs):
     data_dir = Path(args.data) if args.data else run.out / "data"
     if not args.data and not (data_dir / "meta.json").exists() and run.main:
         print(f"preparing the embedded reasoning corpus ({args.docs} documents) in {data_dir}", flush=True)
-        prepare(data_dir, docs=args.docs, seed=args.seed, vocab_size=margs.vocab_size, families=args.families)
+        prepare(data_dir, docs=args.docs, seed=args.seed, vocab_size=margs.vocab_size, families=args.families,
+                heldout=args.heldout)
     barrier()
     meta = load_meta(data_dir)
     tok = Tokenizer.from_dir(data_dir)
@@ -172,7 +175,7 @@ def main(args) -> dict:
         raise NanoseekError(f"--seq-len {args.seq_len} exceeds the model's context of {margs.max_position_embeddings}")
     identity = {"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
                 "seq_len": args.seq_len, "batch_tokens": batch_tokens, "data": args.data or "embedded",
-                "families": None if args.data else args.families,
+                "families": None if args.data else args.families, "heldout": None if args.data else args.heldout,
                 "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
     # the user's data is checked before the run directory is touched; the embedded corpus is made inside it
     data = load_data(run, args, margs) if args.data else None

@@ -26,7 +26,7 @@ from nanoseek import cost
 from nanoseek.checkpoint import atomic_write, save_pretrained
 from nanoseek.config import ModelArgs
 from nanoseek.data.chat import SEED_RL
-from nanoseek.data.tasks import RL_FAMILIES, problem_pool
+from nanoseek.data.tasks import RL_FAMILIES, family_configs, problem_pool
 from nanoseek.engine import SamplingParams, generate_all, sample_seed
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
@@ -247,7 +247,7 @@ def main(args) -> dict:
     for rw in rewards:  # a broken reward stops the run here, before anything is written
         gold = pool[0]
         rw.probe(f"{chr(10).join(gold['steps'])}\n</think>\n\n{gold['answer']}", gold)
-    run.open({"init": str(init.resolve()), "families": list(args.families), "problems": args.problems,
+    run.open({"init": str(init.resolve()), "families": family_configs(args.families), "problems": args.problems,
               "seed": args.seed, "prompts": args.prompts, "group": args.group, "loss": args.loss,
               "beta": args.beta, "rewards": [[rw.name, rw.weight] for rw in rewards], "lr": args.lr,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mu": args.mu,
