@@ -150,7 +150,8 @@ def cmd_data(args):
     from nanoseek.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
     meta = prepare(args.out, docs=args.docs, seed=args.seed, files=args.files, text_field=args.text_field,
-                   vocab_size=args.vocab_size, tokenizer=tok, families=args.families, heldout=args.heldout)
+                   vocab_size=args.vocab_size, tokenizer=tok, families=args.families, heldout=args.heldout,
+                   drills=args.drills)
     for split, m in meta["splits"].items():
         print(f"{split:8} {m['documents']:>8,} documents {m['tokens']:>12,} tokens")
     print(f"vocabulary {meta['vocab_size']}; {perplexity_note(meta)} -> {args.out}")
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--docs", type=int, default=60000, help="documents of the embedded corpus (without --files)")
     sp.add_argument("--families", nargs="*", default=None, help="reasoning-gym families to train on")
     sp.add_argument("--heldout", nargs="*", default=None, help="families kept out of training, for evaluation")
+    sp.add_argument("--drills", type=float, default=0.0, metavar="SHARE",
+                    help="drill documents (the facts the worked steps use) added, as a share of the documents")
     sp.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary when training one")
     sp.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
     sp.add_argument("--seed", type=int, default=0, help="seed of the corpus and the split")

@@ -13,6 +13,9 @@ NS=.venv/bin/nanoseek
 # never trained: the held-out family. OUT/families.json records their exact reasoning-gym configs, and every stage
 # reads it: write (or edit) it before the first run to train other families or sizes.
 FAMILIES="$OUT/families.json"
+# pretraining: the worked solutions plus drills of the facts their steps use (half as many documents again), for
+# 1,000 steps of 4,096 tokens on the `cpu` preset (tiny with a 512-token vocabulary)
+PRETRAIN_ARGS="--drills 0.5 --max-steps 1000"
 # GRPO at a low learning rate with DeepSeekMath's β 0.04: at R1's β 0.001 and lr 1e-4 the tiny model drifts off what
 # SFT taught and forgets arithmetic (bench/RESULTS.md, "GRPO, round 2")
 RL_ARGS="--lr 3e-5 --beta 0.04"
@@ -28,7 +31,7 @@ mkdir -p "$OUT"
 [ -f "$FAMILIES" ] || $NS families --out "$FAMILIES" --trained chain_sum simple_equations letter_counting count_bits \
   --heldout basic_arithmetic
 stage "pretrain"
-$NS pretrain --preset tiny --out "$OUT/pretrain" --resume auto --families $FAMILIES
+$NS pretrain --preset cpu --out "$OUT/pretrain" --resume auto --families $FAMILIES $PRETRAIN_ARGS
 stage "cold-start SFT"
 $NS sft --init "$OUT/pretrain/model" --out "$OUT/sft" --resume auto --families $FAMILIES $SFT_ARGS
 stage "eval of the SFT model"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.checkpoint import atomic_dir
-from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, family_configs, generate, render
+from nanoseek.data.tasks import DEFAULT_HELDOUT, DEFAULT_TRAIN, drills as drill_docs, family_configs, generate, render
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import Tokenizer
 
@@ -35,8 +35,9 @@ def reasoning_texts(n: int, seed: int = 0, families=None) -> list[str]:
     return docs[:n]
 
 
-def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[str, list[dict]]:
-    """The embedded corpus: examples (question, answer, steps, family) per split."""
+def embedded_splits(docs: int, seed: int, families=None, heldout=None, drills: float = 0.0) -> dict[str, list[dict]]:
+    """The embedded corpus: examples (question, answer, steps, family) per split, and `drills` × docs drill
+    documents (the facts the steps are made of, data/tasks.drills) among the training documents ({'text': ...})."""
     families, heldout = family_configs(families or DEFAULT_TRAIN), family_configs(heldout or DEFAULT_HELDOUT)
     if set(families) & set(heldout):
         raise NanoseekError(f"families {sorted(set(families) & set(heldout))} cannot be both trained and held out")
@@ -48,6 +49,7 @@ def embedded_splits(docs: int, seed: int, families=None, heldout=None) -> dict[s
         splits["val"] += generate(f, n_val, seed * 1000 + 500 + i, cfg)
     for i, (f, cfg) in enumerate(heldout.items()):
         splits["heldout"] += generate(f, n_val * 4, seed * 1000 + 900 + i, cfg)
+    splits["train"] += [{"text": t} for t in drill_docs(families, round(docs * drills), seed * 1000 + 700)]
     random.Random(seed).shuffle(splits["train"])
     return splits
 
@@ -124,7 +126,7 @@ def write_shards(out: Path, split: str, docs: list[str], tok, dtype) -> tuple[li
 
 
 def prepare(out, *, docs: int = 20000, seed: int = 0, files=(), text_field: str = "text", vocab_size: int = 4096,
-            tokenizer=None, families=None, heldout=None, val_frac: float = 0.05) -> dict:
+            tokenizer=None, families=None, heldout=None, val_frac: float = 0.05, drills: float = 0.0) -> dict:
     """Write the data directory `out` (documents, tokenizer, shards, meta.json) and return its meta. It is written
     in a temporary directory beside `out` and renamed when complete: a process killed half-way leaves no `out`, so
     the same command simply prepares it again (a stale temporary is removed first)."""
@@ -136,13 +138,15 @@ def prepare(out, *, docs: int = 20000, seed: int = 0, files=(), text_field: str 
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     meta = {}
+    if drills < 0:
+        raise NanoseekError(f"--drills must be >= 0, got {drills}")
     atomic_dir(out, lambda tmp: meta.update(_write_data_dir(tmp, docs, seed, files, text_field, vocab_size, tokenizer,
-                                                               families, heldout, val_frac)), replace=False)
+                                                               families, heldout, val_frac, drills)), replace=False)
     return meta
 
 
 def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokenizer, families, heldout,
-                    val_frac) -> dict:
+                    val_frac, drills) -> dict:
     if files:
         texts = read_user_documents(files, text_field)
         rng = random.Random(seed)
@@ -151,8 +155,8 @@ def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokeni
         split_docs = {"train": texts[n_val:], "val": texts[:n_val]}
         examples = {}
     else:
-        examples = embedded_splits(docs, seed, families, heldout)
-        split_docs = {k: [render(ex) for ex in v] for k, v in examples.items()}
+        examples = embedded_splits(docs, seed, families, heldout, drills)
+        split_docs = {k: [ex["text"] if "text" in ex else render(ex) for ex in v] for k, v in examples.items()}
     if not split_docs["train"]:
         raise NanoseekError("no training documents")
     tok = tokenizer or Tokenizer.train(split_docs["train"], vocab_size=vocab_size)
@@ -161,7 +165,7 @@ def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokeni
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "seed": seed, "splits": {},
             "source": "files" if files else "reasoning-gym",
             "families": family_configs(families) if families else None,
-            "heldout_families": family_configs(heldout) if heldout else None}
+            "heldout_families": family_configs(heldout) if heldout else None, "drills": drills or None}
     for split, d in split_docs.items():
         if not d:
             continue
@@ -171,7 +175,7 @@ def _write_data_dir(out: Path, docs, seed, files, text_field, vocab_size, tokeni
             meta["unigram_entropy"] = unigram_entropy(counts)
     for split, exs in examples.items():  # the problems themselves, for evaluation and SFT
         with open(out / f"{split}_problems.jsonl", "w") as f:
-            for ex in exs:
+            for ex in (e for e in exs if "question" in e):
                 f.write(json.dumps({k: ex[k] for k in ("family", "question", "answer", "steps")}) + "\n")
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import json
+import random
+import re
 from pathlib import Path
 
 import reasoning_gym
@@ -95,11 +97,50 @@ def _gsm(entry) -> list[str]:
     return [line.strip() for line in cot.splitlines() if line.strip()]
 
 
+# ---- drills: the single facts the worked steps are made of, for the pretraining corpus (like a times table) ----
+
+def _sum_fact(rng, cfg) -> str:
+    """'13 + 7 = 20': a running total of the family's size and one more term."""
+    top = 10 ** cfg.get("max_digits", 1) - 1
+    span = (cfg.get("max_terms", 2) - 1) * top
+    a = rng.randint(0, top) if rng.random() < 0.5 else rng.randint(-span, span)
+    b, op = rng.randint(0, top), rng.choice("+-")
+    return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+
+
+def _equation_fact(rng, cfg) -> str:
+    """'65 - 2 = 63' or '63 / 7 = 9': moving a constant across, then the division."""
+    v = cfg.get("max_value", 9)
+    if rng.random() < 0.5:
+        c, b, op = rng.randint(-10 * v, 10 * v), rng.randint(1, v), rng.choice("+-")
+        return f"{c} {op} {b} = {c + b if op == '+' else c - b}"
+    a, x = rng.randint(1, 4 * v), rng.randint(1, v)
+    return f"{a * x} / {a} = {x}"
+
+
+def _binary_fact(rng, cfg) -> str:
+    n = rng.randint(cfg.get("min_n", 1), cfg.get("max_n", 255))
+    return f"{n} in binary is {bin(n)[2:]}"
+
+
+_WORDS = []
+
+
+def _spelling_fact(rng, cfg) -> str:
+    """'hundred: h u n d r e d', a word of the text letter_counting draws its spans from."""
+    if not _WORDS:
+        from reasoning_gym.data import read_data_file
+        _WORDS.extend(w for w in re.findall(r"\b\w+\b", read_data_file("in_the_year_2889.txt")) if w.isalnum())
+    w = rng.choice(_WORDS)
+    return f"{w}: {' '.join(w.lower())}"
+
+
 @dataclass
 class Family:
     name: str  # the reasoning-gym dataset
     config: dict = field(default_factory=dict)
     solve: Callable | None = None  # entry -> list of steps
+    fact: Callable | None = None  # (random.Random, config) -> one fact line its steps use (drills), or None
 
     def steps(self, entry) -> list[str]:
         return self.solve(entry)
@@ -108,17 +149,18 @@ class Family:
 FAMILIES = {
     # one-digit terms, 2-4 of them: every problem takes 1-3 steps, each within a tiny model's reach
     "chain_sum": Family("chain_sum", dict(min_terms=2, max_terms=4, min_digits=1, max_digits=1),
-                        lambda e: _chain(e["metadata"]["expression"])),
+                        lambda e: _chain(e["metadata"]["expression"]), _sum_fact),
     # + and - only: reasoning-gym 0.1.25 scores "3 + 2 * 3" as 15 (left to right), so products would teach nonsense
     "basic_arithmetic": Family("basic_arithmetic", dict(min_terms=3, max_terms=5, min_digits=1, max_digits=1,
                                                         operators=("+", "-"), allow_parentheses=False,
                                                         allow_negation=False),
                                lambda e: _chain(e["metadata"]["expression"])),
     "simple_equations": Family("simple_equations", dict(min_terms=2, max_terms=2, max_value=9),
-                               lambda e: _equation(e["metadata"]["equation"], e["metadata"]["variable"])),
-    "letter_counting": Family("letter_counting", dict(min_words=2, max_words=4), _letters),
+                               lambda e: _equation(e["metadata"]["equation"], e["metadata"]["variable"]),
+                               _equation_fact),
+    "letter_counting": Family("letter_counting", dict(min_words=2, max_words=4), _letters, _spelling_fact),
     "spell_backward": Family("spell_backward", dict(min_word_len=3, max_word_len=7), _backward),
-    "count_bits": Family("count_bits", dict(min_n=1, max_n=255), _bits),
+    "count_bits": Family("count_bits", dict(min_n=1, max_n=255), _bits, _binary_fact),
     "gsm_symbolic": Family("gsm_symbolic", {}, _gsm),
 }
 DEFAULT_TRAIN = ("chain_sum", "simple_equations", "letter_counting", "spell_backward", "count_bits", "gsm_symbolic")
@@ -210,6 +252,18 @@ def problem_pool(families, n: int, seed: int, offset: int) -> list[dict]:
     for i, (f, cfg) in enumerate(family_configs(families).items()):
         pool += generate(f, n, seed * 1000 + offset + i, cfg)
     return pool
+
+
+def drills(families, n: int, seed: int, lines: int = 8) -> list[str]:
+    """n drill documents, spread evenly over the families that have facts: `lines` facts of one family each, as
+    'Facts:\\n13 + 7 = 20\\n...'. Pretraining text only (never a problem to solve): the single steps of the worked
+    solutions, practised apart so the model can take them when it meets them inside a solution."""
+    fams = [(f, cfg) for f, cfg in family_configs(families).items() if FAMILIES[f].fact]
+    if not fams or n <= 0:
+        return []
+    rng = random.Random(seed)
+    return ["Facts:\n" + "\n".join(FAMILIES[f].fact(rng, cfg) for _ in range(lines))
+            for i in range(n) for f, cfg in [fams[i % len(fams)]]]
 
 
 def render(ex: dict) -> str:

@@ -43,6 +43,9 @@ def add_args(p) -> None:
     g.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                    help="reasoning-gym families of the embedded corpus (default: all training families, "
                         "gsm_symbolic included), or a families.json (its trained and held-out families and configs)")
+    g.add_argument("--drills", type=float, default=0.0, metavar="SHARE",
+                   help="drill documents (the single facts the worked steps use: '13 + 7 = 20', '75 in binary is "
+                        "1001011', 'the: t h e') added to the embedded corpus, as a share of its documents")
     g.add_argument("--heldout", nargs="+", default=None, metavar="FAMILY",
                    help="families never trained, for the held-out loss (default basic_arithmetic)")
     g = p.add_argument_group("schedule")
@@ -87,6 +90,8 @@ def check_args(args) -> None:
             if f in (args.heldout or DEFAULT_HELDOUT):
                 raise NanoseekError(f"{f} is a held-out family (never trained, to measure generalisation); "
                                     f"leave it out of --families")
+    if args.drills < 0:
+        raise NanoseekError(f"--drills must be >= 0, got {args.drills}")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise NanoseekError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     if not 0 <= args.min_lr_ratio <= 1 or not 0 <= args.decay_frac <= 1:
@@ -117,7 +122,7 @@ def load_data(run: Run, args, margs: ModelArgs):
     if not args.data and not (data_dir / "meta.json").exists() and run.main:
         print(f"preparing the embedded reasoning corpus ({args.docs} documents) in {data_dir}", flush=True)
         prepare(data_dir, docs=args.docs, seed=args.seed, vocab_size=margs.vocab_size, families=args.families,
-                heldout=args.heldout)
+                heldout=args.heldout, drills=args.drills)
     barrier()
     meta = load_meta(data_dir)
     tok = Tokenizer.from_dir(data_dir)
@@ -176,6 +181,7 @@ def main(args) -> dict:
     identity = {"model": {k: v for k, v in margs.to_dict().items() if k != "vocab_size"}, "seed": args.seed,
                 "seq_len": args.seq_len, "batch_tokens": batch_tokens, "data": args.data or "embedded",
                 "families": None if args.data else args.families, "heldout": None if args.data else args.heldout,
+                "drills": None if args.data else args.drills,
                 "max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule}
     # the user's data is checked before the run directory is touched; the embedded corpus is made inside it
     data = load_data(run, args, margs) if args.data else None
