@@ -111,3 +111,37 @@ def test_side_by_side_picks_a_problem_that_rose():
         return {"trained": ["chain_sum"], "per_problem": rows}
     rows = side_by_side(ev([3, 2, 5], "before"), ev([3, 6, 1], "after"))
     assert len(rows) == 3 and "q1" in rows[2] and "before 1<br>\\|x\\|" in rows[2] and "6/8" in rows[2]
+
+
+def test_drill_facts_are_true():
+    from nanoseek.data.tasks import drills
+    docs = drills(RL_FAMILIES, 40, 0)
+    assert len(docs) == 40 and all(d.startswith("Facts:\n") and len(d.splitlines()) == 9 for d in docs)
+    kinds = set()
+    for d in docs:
+        for line in d.splitlines()[1:]:
+            if " in binary is " in line:
+                n, b = line.split(" in binary is ")
+                assert bin(int(n))[2:] == b and 1 <= int(n) <= 255
+                kinds.add("bits")
+            elif ": " in line:
+                w, spelled = line.split(": ")
+                assert spelled.split() == list(w.lower())
+                kinds.add("spell")
+            else:
+                lhs, rhs = line.split(" = ")
+                assert sympy.sympify(lhs) == int(rhs), line
+                kinds.add("arith")
+    assert kinds == {"bits", "spell", "arith"}
+    assert drills(["gsm_symbolic"], 5, 0) == [] and drills(RL_FAMILIES, 4, 1) == drills(RL_FAMILIES, 4, 1)
+
+
+def test_drills_join_the_training_split_only():
+    from nanoseek.data.corpus import embedded_splits
+    plain = embedded_splits(40, 0, RL_FAMILIES)
+    with_drills = embedded_splits(40, 0, RL_FAMILIES, drills=0.5)
+    assert sum("text" in ex for ex in with_drills["train"]) == 20 and len(with_drills["train"]) == 60
+    assert not any("text" in ex for ex in plain["train"] + with_drills["val"] + with_drills["heldout"])
+    assert [ex["question"] for ex in with_drills["train"] if "question" in ex] != [] and \
+        sorted(ex["question"] for ex in plain["train"]) == \
+        sorted(ex["question"] for ex in with_drills["train"] if "question" in ex)
