@@ -14,8 +14,8 @@ NS=.venv/bin/nanoseek
 # reads it: write (or edit) it before the first run to train other families or sizes.
 FAMILIES="$OUT/families.json"
 # pretraining: the worked solutions plus drills of the facts their steps use (half as many documents again), for
-# 1,000 steps of 4,096 tokens on the `cpu` preset (tiny with a 512-token vocabulary)
-PRETRAIN_ARGS="--drills 0.5 --max-steps 1000"
+# 1,600 steps of 4,096 tokens on the `cpu` preset (tiny with a 512-token vocabulary)
+PRETRAIN_ARGS="--docs 80000 --drills 0.5 --max-steps 1600"
 # GRPO at a low learning rate with DeepSeekMath's β 0.04: at R1's β 0.001 and lr 1e-4 the tiny model drifts off what
 # SFT taught and forgets arithmetic (bench/RESULTS.md, "GRPO, round 2")
 RL_ARGS="--lr 3e-5 --beta 0.04"
@@ -38,7 +38,7 @@ stage "eval of the SFT model"
 [ -f "$OUT/eval/sft/eval.json" ] || $NS eval --checkpoint "$OUT/sft/model" --out "$OUT/eval/sft" --label sft \
   --families $FAMILIES $EVAL_ARGS
 stage "GRPO"
-$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES --max-steps 150 $RL_ARGS
+$NS rl --init "$OUT/sft/model" --out "$OUT/rl" --resume auto --families $FAMILIES --max-steps 300 $RL_ARGS
 stage "eval of the GRPO model"
 [ -f "$OUT/eval/rl/eval.json" ] || $NS eval --checkpoint "$OUT/rl/model" --out "$OUT/eval/rl" --label rl \
   --families $FAMILIES $EVAL_ARGS

@@ -124,8 +124,8 @@ def test_drill_facts_are_true():
                 n, b = line.split(" in binary is ")
                 assert bin(int(n))[2:] == b and 1 <= int(n) <= 255
                 kinds.add("bits")
-            elif ": " in line:
-                w, spelled = line.split(": ")
+            elif " is spelled " in line:
+                w, spelled = line.split(" is spelled ")
                 assert spelled.split() == list(w.lower())
                 kinds.add("spell")
             else:

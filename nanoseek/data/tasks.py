@@ -127,12 +127,14 @@ _WORDS = []
 
 
 def _spelling_fact(rng, cfg) -> str:
-    """'hundred: h u n d r e d', a word of the text letter_counting draws its spans from."""
+    """'hundred is spelled h u n d r e d', a word of the text letter_counting draws its spans from. Not the worked
+    step's 'word: letters' form: a solution's 'word:' must copy the question's next word, and drills in the same form
+    (random words, more of them than solution lines) taught the model to write any word there."""
     if not _WORDS:
         from reasoning_gym.data import read_data_file
         _WORDS.extend(w for w in re.findall(r"\b\w+\b", read_data_file("in_the_year_2889.txt")) if w.isalnum())
     w = rng.choice(_WORDS)
-    return f"{w}: {' '.join(w.lower())}"
+    return f"{w} is spelled {' '.join(w.lower())}"
 
 
 @dataclass

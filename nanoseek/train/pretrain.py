@@ -45,7 +45,7 @@ def add_args(p) -> None:
                         "gsm_symbolic included), or a families.json (its trained and held-out families and configs)")
     g.add_argument("--drills", type=float, default=0.0, metavar="SHARE",
                    help="drill documents (the single facts the worked steps use: '13 + 7 = 20', '75 in binary is "
-                        "1001011', 'the: t h e') added to the embedded corpus, as a share of its documents")
+                        "1001011', 'the is spelled t h e') added to the embedded corpus, as a share of its documents")
     g.add_argument("--heldout", nargs="+", default=None, metavar="FAMILY",
                    help="families never trained, for the held-out loss (default basic_arithmetic)")
     g = p.add_argument_group("schedule")
