@@ -259,6 +259,14 @@ def test_eval_and_report(sft_model, tmp_path):
     text = (run / "report.md").read_text()
     assert "GRPO − SFT, trained families: +0.000 ± 0.000" in text and "## Cost" in text
     assert "## Thoughts before and after RL" in text and "samples right*" in text
+    # runs/distill_cpu.sh's three students (here the same eval thrice) -> the distillation table, paired
+    for way in ("sft", "rl", "distilled"):
+        (run / "distill" / "eval" / way).mkdir(parents=True)
+        (run / "distill" / "eval" / way / "eval.json").write_text((out / "eval.json").read_text())
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "## Distillation" in text and "| student, distilled from the teacher | ? |" in text
+    assert "student, distilled from the teacher − student, SFT + GRPO, trained families: +0.000 ± 0.000" in text
     assert (run / "plots" / "accuracy.png").is_file() and (run / "plots" / "tts.png").is_file()
     # a families.json: its trained and held-out families, with their configs, are what eval draws and scores
     from nanoseek.data.tasks import write_families

@@ -16,6 +16,7 @@ from pathlib import Path
 import reasoning_gym
 import sympy
 
+from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
 
 
@@ -196,7 +197,6 @@ def write_families(path, trained, heldout) -> dict:
     """OUT/families.json: `{"trained": {name: config}, "heldout": {name: config}}`, the exact problem distributions
     a run trains and scores (every stage of the main job reads it back with `--families path`); anyone can draw
     fresh problems from it with reasoning-gym. Written atomically."""
-    from nanoseek.checkpoint import atomic_write  # (checkpoint imports torch; this module stays light)
     trained, heldout = family_configs(trained), family_configs(heldout)
     if set(trained) & set(heldout):
         raise NanoseekError(f"families {sorted(set(trained) & set(heldout))} cannot be both trained and held out")
