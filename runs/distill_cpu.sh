@@ -26,12 +26,12 @@ FAMILIES="$OUT/families.json"
 D="$OUT/distill"
 # the main job's settings, so that the student's three ways differ only in what the issue compares
 SFT_ARGS="--partial-thoughts 0.5"
-RL_ARGS="--lr 3e-5 --beta 0.04 --max-steps 150"
+RL_ARGS="--lr 3e-5 --beta 0.04 --max-steps 300"
 t0=$(date +%s)
 stage() { echo; echo "=== $1  ($(( ($(date +%s) - t0) / 60 )) min so far)"; }
 
 stage "pretrain the student (tiny-dense) on the main job's corpus"
-$NS pretrain --preset tiny-dense --data "$OUT/pretrain/data" --out "$D/pretrain" --resume auto
+$NS pretrain --preset tiny-dense --data "$OUT/pretrain/data" --out "$D/pretrain" --resume auto --max-steps 1600
 stage "student: cold-start SFT"
 $NS sft --init "$D/pretrain/model" --out "$D/sft" --resume auto --families "$FAMILIES" $SFT_ARGS
 stage "student: GRPO after SFT"

@@ -223,7 +223,7 @@ def test_bad_input(data, tmp_path):
         (["pretrain", "--out", str(tmp_path / "i"), "--data", str(data), "--seq-len", "100000"], "exceeds"),
         (["pretrain", "--out", str(other), "--data", str(data)], "not empty"),
         (["pretrain", "--out", str(tmp_path / "k"), "--families", "chain_sum", "nope"], "unknown task family 'nope'"),
-        (["pretrain", "--out", str(tmp_path / "k2"), "--families", "basic_arithmetic"], "is the held-out family"),
+        (["pretrain", "--out", str(tmp_path / "k2"), "--families", "basic_arithmetic"], "is a held-out family"),
         (["pretrain", "--out", str(tmp_path / "done"), "--data", str(data), "--max-steps", "1"], "already holds a run"),
         (["pretrain", "--out", str(tmp_path / "done"), "--data", str(data), "--max-steps", "2", "--resume", "auto"],
          "holds a different run"),
