@@ -5,13 +5,12 @@ step-by-step solution (gsm_symbolic carries its own). The same steps become pret
 Sizes are chosen so that a few-million-parameter model can learn them on a CPU.
 """
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import json
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import reasoning_gym
 import sympy
@@ -128,9 +127,9 @@ _WORDS = []
 
 
 def _spelling_fact(rng, cfg) -> str:
-    """'hundred is spelled h u n d r e d', a word of the text letter_counting draws its spans from. Not the worked
-    step's 'word: letters' form: a solution's 'word:' must copy the question's next word, and drills in the same form
-    (random words, more of them than solution lines) taught the model to write any word there."""
+    """'hundred is spelled h u n d r e d', a word of the text letter_counting draws its spans from. Not in the worked
+    step's 'word: letters' form, so that in the corpus a line's 'word:' is only ever followed by the question's next
+    word (random words in that form would outnumber the solution lines)."""
     if not _WORDS:
         from reasoning_gym.data import read_data_file
         _WORDS.extend(w for w in re.findall(r"\b\w+\b", read_data_file("in_the_year_2889.txt")) if w.isalnum())

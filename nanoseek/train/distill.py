@@ -32,7 +32,8 @@ def add_args(p) -> None:
     g.add_argument("--teacher", required=True, help="checkpoint that writes the answers")
     s = g.add_mutually_exclusive_group()
     s.add_argument("--student", help="checkpoint to fine-tune (default: the teacher itself)")
-    s.add_argument("--student-preset", choices=[p for p in PRESETS if p != "v3"], help="a fresh model of this preset instead")
+    s.add_argument("--student-preset", choices=[p for p in PRESETS if p != "v3"],
+                   help="a fresh model of this preset instead (tiny-dense: a smaller dense student)")
     g.add_argument("--families", nargs="*", default=list(RL_FAMILIES), help="reasoning-gym families to sample")
     g.add_argument("--prompts-per-family", type=int, default=300, help="problems per family")
     g.add_argument("--samples", type=int, default=4, help="teacher samples per problem")

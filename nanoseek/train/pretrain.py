@@ -34,7 +34,8 @@ from nanoseek.train.run import Run, add_run_args, check_positive
 def add_args(p) -> None:
     g = p.add_argument_group("model and data")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", choices=[p for p in PRESETS if p != "v3"], help="model preset (default tiny)")
+    src.add_argument("--preset", default="tiny", choices=[p for p in PRESETS if p != "v3"],
+                     help="model preset (default tiny; the CPU main job uses cpu)")
     src.add_argument("--config", help="a config.json (DeepseekV3Config format) instead of a preset")
     g.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, ledger.json, model/")
     g.add_argument("--data", help="a data directory from `nanoseek data` (default: the embedded reasoning corpus, "
