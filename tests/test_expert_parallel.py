@@ -68,7 +68,7 @@ def test_resume_at_another_ep_degree(data, tmp_path):
         p = cut / later
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     torchrun(*common, "--out", str(cut), "--resume", "auto")  # --ep 1
-    same_run(tmp_path / "straight", cut, 1e-5, 1e-3)
+    same_run(tmp_path / "straight", cut, 1e-5, 1e-4)
     opt = load_file(str(cut / "checkpoints" / "step_000006" / "optimizer.safetensors"))
     assert opt["layers.1.mlp.experts.gate_up_proj::exp_avg"].shape[0] == 16  # whole, whatever the degree
 
@@ -102,7 +102,7 @@ def test_ep_with_redundant_experts_replaced_by_eplb_equals_one_process(data, tmp
     assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     torchrun(*common, "--out", str(tmp_path / "eplb"), "--batch-size", "2", "--ep", "2", "--ep-redundant", "2",
              "--eplb-every", "2")
-    same_run(tmp_path / "one", tmp_path / "eplb", 1e-5, 1e-3)
+    same_run(tmp_path / "one", tmp_path / "eplb", 1e-5, 1e-4)
     placed = [m["eplb_rank_load_max_over_mean"] for m in metrics(tmp_path / "eplb") if "eplb_rank_load_max_over_mean"
               in m]
     assert len(placed) == 3 and all(after <= before for before, after in placed)
