@@ -7,9 +7,10 @@ or a DeepSeek-V2 one) loads as is: known keys fill the fields, unknown keys are 
 import dataclasses
 import json
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from nanoseek.errors import NanoseekError
 
@@ -31,9 +32,11 @@ class ModelArgs:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    # DeepSeekMoE
-    n_shared_experts: int | None = 1
-    n_routed_experts: int | None = 256  # None: a dense model
+    # DeepSeekMoE. A dense model has n_routed_experts = n_shared_experts = 0 and first_k_dense_replace covering every
+    # layer, MTP modules included: the integers transformers' strict config wants, and its rule (a layer is MoE from
+    # first_k_dense_replace on). null in a config.json reads as 0.
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
     num_experts_per_tok: int | None = 8
     moe_layer_freq: int = 1
     first_k_dense_replace: int = 3
@@ -75,6 +78,22 @@ class ModelArgs:
     mtp_loss_weight: float = 0.3  # λ of the MTP loss
     extra: dict = field(default_factory=dict)  # unknown config.json keys, kept and written back
 
+    def __post_init__(self):
+        """The one in-memory form of what a config.json may write several ways, so that what nanoseek writes reads
+        back equal, and validates in transformers: null expert counts are 0, a dense model's first_k_dense_replace
+        covers every layer (MTP included), and integers in float fields (`"rms_norm_eps": 1`) are floats."""
+        if self.n_routed_experts is None:
+            self.n_routed_experts = 0
+        if self.n_shared_experts is None:
+            self.n_shared_experts = 0
+        if self.n_routed_experts == 0 and isinstance(self.num_hidden_layers, int) \
+                and isinstance(self.num_nextn_predict_layers, int):
+            self.first_k_dense_replace = self.num_hidden_layers + self.num_nextn_predict_layers
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if float in _types(f.type) and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+
     # ---- derived ----
     @property
     def qk_head_dim(self) -> int:
@@ -99,6 +118,10 @@ class ModelArgs:
         def need(cond, msg):
             if not cond:
                 raise NanoseekError(f"config: {msg}")
+        for f in dataclasses.fields(self):  # the types transformers' strict DeepseekV3Config checks too
+            v, allowed = getattr(self, f.name), _types(f.type)
+            need(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed),
+                 f"'{f.name}' must be {' or '.join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)}, got {v!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
             v = getattr(self, name)
@@ -112,10 +135,16 @@ class ModelArgs:
         need(self.hidden_act == "silu", f"'hidden_act' must be 'silu', got {self.hidden_act!r}")
         need(isinstance(self.num_nextn_predict_layers, int) and self.num_nextn_predict_layers >= 0,
              f"'num_nextn_predict_layers' must be >= 0, got {self.num_nextn_predict_layers!r}")
-        need(isinstance(self.first_k_dense_replace, int) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-             f"'first_k_dense_replace' ({self.first_k_dense_replace}) must be in [0, num_hidden_layers]")
-        need(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1,
-             f"'moe_layer_freq' must be >= 1, got {self.moe_layer_freq!r}")
+        all_layers = self.num_hidden_layers + self.num_nextn_predict_layers
+        need(0 <= self.first_k_dense_replace <= all_layers,
+             f"'first_k_dense_replace' ({self.first_k_dense_replace}) must be in [0, {all_layers}] (the layers, MTP "
+             f"modules included)")
+        need(self.n_routed_experts >= 0 and self.n_shared_experts >= 0,
+             f"'n_routed_experts' and 'n_shared_experts' must be >= 0 (0: none), got {self.n_routed_experts} and "
+             f"{self.n_shared_experts}")
+        need(self.moe_layer_freq == 1 or not self.n_routed_experts,
+             f"'moe_layer_freq' must be 1, got {self.moe_layer_freq!r}: transformers' DeepseekV3 puts a MoE in every "
+             f"layer from 'first_k_dense_replace' on")
         if self.n_routed_experts:
             E = self.n_routed_experts
             for name in ("moe_intermediate_size", "num_experts_per_tok"):
@@ -182,7 +211,7 @@ class ModelArgs:
         return args
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        d = {k: v for k, v in dataclasses.asdict(dataclasses.replace(self)).items() if k != "extra"}
         d = {**self.extra, **d}
         for own in ("n_nodes", "topk_nodes"):  # not DeepseekV3Config's: only when used
             if d.get(own) is None:
@@ -215,6 +244,17 @@ class ModelArgs:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def _types(annotation) -> tuple[type, ...]:
+    """`int | None` -> (int, NoneType); `list` -> (list,)."""
+    if isinstance(annotation, types.UnionType):
+        return tuple(a for a in get_args(annotation))
+    return (annotation,)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+               list: "a list", type(None): "null"}
+
+
 # A config.json must name the model's shape; everything else has DeepseekV3Config's default.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -243,7 +283,7 @@ _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 40
             "mscale": 1.0, "mscale_all_dim": 1.0}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(  # ~4M parameters: still MoE (group-limited sigmoid routing) + MLA (q and kv compressed) + MTP
+    "tiny": dict(  # 2.66M parameters (3.17M with MTP): still MoE (group-limited sigmoid routing) + MLA (q and kv compressed) + MTP
         vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
         num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=16,
@@ -257,10 +297,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         max_position_embeddings=1024, rope_scaling=None, torch_dtype="float32"),
-    "tiny-dense": dict(  # ~1M parameters, dense (no routed experts), MLA, no MTP: the CPU distillation student
+    "tiny-dense": dict(  # 0.41M parameters, dense (no routed experts), MLA, no MTP: the CPU distillation student
         vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_nextn_predict_layers=0,
         num_attention_heads=3, num_key_value_heads=3, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=None, n_routed_experts=None, first_k_dense_replace=3,
+        qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=0, n_routed_experts=0, num_experts_per_tok=None,
         n_group=1, topk_group=1, max_position_embeddings=1024, rope_scaling=None, torch_dtype="float32"),
     "small": dict(  # ~1.2B total / ~0.25B active, for one GPU
         vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=384, num_hidden_layers=16,

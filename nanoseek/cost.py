@@ -74,6 +74,15 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def param_summary(args: ModelArgs, params: dict | None = None) -> str:
+    """The one parameter figure nanoseek prints everywhere (info, pretraining, the report): the main model's total,
+    DeepSeek's convention (V3's 671B leaves out its MTP module), with the active share and the MTP module beside it.
+    '1.74M (0.86M active; 2.25M with MTP)'."""
+    p = params or count_params(args)
+    s = f"{human(p['total'])} ({human(p['active'])} active"
+    return s + (f"; {human(p['total_with_mtp'])} with MTP)" if p["mtp"] else ")")
+
+
 def report(args: ModelArgs, seq_len: int = 4096) -> str:
     p = count_params(args)
     f = flops_per_token(args, seq_len, params=p)

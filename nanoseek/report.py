@@ -13,13 +13,11 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
+from nanoseek import cost
 from nanoseek.checkpoint import atomic_write
 from nanoseek.config import ModelArgs
 from nanoseek.errors import NanoseekError
 from nanoseek.evaluate import group_mean, plot_tts, pooled
-from nanoseek.model import build_model
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -159,11 +157,10 @@ def side_by_side(before: dict, after: dict, labels=("SFT", "GRPO")) -> list[str]
 
 
 def param_count(model_dir: Path) -> str:
-    """'2.66M' from a checkpoint's config.json (the model built on the meta device: no memory, no weights read)."""
+    """cost.param_summary of a checkpoint's config.json, '1.74M (0.86M active; 2.25M with MTP)' (the model built on
+    the meta device: no memory, no weights read)."""
     try:
-        with torch.device("meta"):
-            m = build_model(ModelArgs.from_json(model_dir / "config.json"))
-        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+        return cost.param_summary(ModelArgs.from_json(model_dir / "config.json"))
     except Exception:  # a report never fails on a model it only describes
         return "?"
 

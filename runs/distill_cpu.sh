@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distillation against RL on a small model, R1's comparison at our scale. Run after the main job (it reads its
-# directory): a smaller dense student (`tiny-dense`, ~1.1M parameters against the teacher's 2.7M MoE) is pretrained on
+# directory): a smaller dense student (`tiny-dense`, 0.41M parameters against the teacher's 1.74M MoE) is pretrained on
 # the main job's corpus and tokenizer, then taken three ways, each scored on the same held-out problems as the main
 # job's models (its families.json, the same eval seeds):
 #   sft        the cold-start SFT alone

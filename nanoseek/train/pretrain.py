@@ -210,7 +210,7 @@ def main(args) -> dict:
         "model": {"preset": None if args.config else args.preset,
                   **{k: v for k, v in params.items() if k in ("total", "active", "total_with_mtp")}},
         "unigram_baseline_nats": meta.get("unigram_entropy")}
-    run.print(f"model: {cost.human(params['total'])} parameters ({cost.human(params['active'])} active), "
+    run.print(f"model: {cost.param_summary(margs, params)} parameters, "
               f"{d.world} x {d.device.type}, global batch {batch_tokens} tokens ({accum} micro-step(s)), "
               f"{meta['splits']['train']['tokens']:,} training tokens; "
               f"unigram baseline {meta.get('unigram_entropy', float('nan')):.3f}")
@@ -274,7 +274,7 @@ def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) ->
             with run.autocast():
                 o = fwd(x, labels=y)
             (o.loss / accum).backward()
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=d.device)
         sums += torch.stack([o.lm_loss.detach().float(), (o.mtp_loss if o.mtp_loss is not None else zero).detach()
                              .float(), (o.balance_loss if o.balance_loss is not None else zero).detach().float(),
                              o.loss.detach().float()]).to(d.device)
