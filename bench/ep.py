@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    dist.init_process_group("cuda:nccl,cpu:gloo" if args.device.startswith("cuda") else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = args.device.startswith("cuda")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if cuda else "cpu")
@@ -78,7 +78,7 @@ def main():
             sync()
             comm = time.perf_counter() - s
             s = time.perf_counter()
-            Experts.grouped(ex, recv, torch.ones(recv.shape[0], 1, device=device), recv_expert[:, None])
+            ex.compute(recv, torch.ones(recv.shape[0], 1, device=device), recv_expert[:, None])
             sync()
             compute = time.perf_counter() - s
             dist.barrier()
@@ -94,7 +94,7 @@ def main():
                 serial_train = time.perf_counter() - s
                 recv_g = recv.detach().requires_grad_(True)
                 s = time.perf_counter()
-                Experts.grouped(ex, recv_g, torch.ones(recv.shape[0], 1, device=device), recv_expert[:, None]) \
+                ex.compute(recv_g, torch.ones(recv.shape[0], 1, device=device), recv_expert[:, None]) \
                     .backward(recv.detach())
                 sync()
                 compute_train = time.perf_counter() - s
@@ -109,7 +109,7 @@ def main():
                     t[k].append(v)
         same = torch.allclose(y, ex.grouped(x, weights, indices), atol=1e-5)
     med = {k: statistics.median(v) for k, v in t.items()}
-    res = torch.tensor([med[k] for k in t], dtype=torch.float64)
+    res = torch.tensor([med[k] for k in t], dtype=torch.float64, device=device)  # nccl: no CPU collectives
     dist.all_reduce(res)
     med = {k: v / world for k, v in zip(t, res.tolist())}  # the ranks' mean of their medians
     hidden = (med["serial"] - med["overlapped"]) / med["comm"] if med["comm"] > 0 else float("nan")

@@ -71,6 +71,11 @@ class EPExperts(Experts):
         for k, v in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
             self.register_buffer(k, v.to(dev), persistent=False)
 
+    def compute(self, x, weights, indices):
+        """This rank's own experts over the rows it received (indices: local slots): the next class's `grouped` in
+        the method order, Experts' own, or FP8's where fp8.convert made the class FP8 too (FP8 x EP)."""
+        return super(EPExperts, self).grouped(x, weights, indices)
+
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slots of a per-logical-expert tensor [E, ...]."""
         S = (self.n_logical + self.redundant) // self.ep_size
@@ -96,7 +101,7 @@ class EPExperts(Experts):
         order, token, in_splits, out_splits, recv_expert = self.plan(self.physical(indices))
         recv = all_to_all(x.index_select(0, token), out_splits, in_splits, self.ep_group)  # dispatch
         ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
-        out = Experts.grouped(self, recv, ones, recv_expert[:, None])  # each received row through its expert
+        out = self.compute(recv, ones, recv_expert[:, None])  # each received row through its expert
         back = all_to_all(out, in_splits, out_splits, self.ep_group)  # combine: rows in `order`
         gated = back * weights.flatten()[order, None].to(back.dtype)
         return x.new_zeros(x.shape, dtype=back.dtype).index_add_(0, token, gated)
@@ -148,6 +153,10 @@ class OverlappedExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, experts, halves, plans, timings, train):
         group, D = experts.ep_group, x.shape[1]
+        # what the experts return: bf16 under autocast (the trainer's mode on GPUs) while x stays fp32; every buffer
+        # of an exchange takes the dtype of what is sent through it (all_to_all_single refuses mixed dtypes)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         sends = []
         for h, (order, token, ins, outs, _) in zip(halves, plans):  # both dispatches in flight
             buf = x.new_empty(sum(outs), D)
@@ -159,13 +168,13 @@ class OverlappedExchange(torch.autograd.Function):
             recv = buf.requires_grad_(train)
             with torch.set_grad_enabled(train):  # this micro-batch's experts, their graph kept for the backward
                 ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
-                out = _timed(timings, "compute", lambda: Experts.grouped(experts, recv, ones, recv_expert[:, None])
-                             if recv.shape[0] else recv * 0.0)
+                out = _timed(timings, "compute", lambda: experts.compute(recv, ones, recv_expert[:, None])
+                             if recv.shape[0] else recv * 0.0).to(out_dtype)
             graphs.append((recv, out))
-            back = x.new_empty(sum(ins), D)
+            back = out.new_empty(sum(ins), D)
             backs.append((back, dist.all_to_all_single(back, out.detach().contiguous(), ins, outs, group=group,
                                                        async_op=True)))
-        y = torch.zeros_like(x)
+        y = x.new_zeros(x.shape, dtype=out_dtype)  # as EPExperts.grouped returns it
         rows = []
         for h, (back, work), (order, token, *_) in zip(halves, backs, plans):
             _timed(timings, "wait", work.wait)
@@ -173,6 +182,7 @@ class OverlappedExchange(torch.autograd.Function):
             y[h].index_add_(0, token, back * weights[h].flatten()[order, None].to(back.dtype))
         ctx.save_for_backward(weights)
         ctx.state = (experts, halves, plans, graphs, rows, timings, gate_up, down)
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
@@ -180,7 +190,7 @@ class OverlappedExchange(torch.autograd.Function):
         (weights,) = ctx.saved_tensors
         experts, halves, plans, graphs, rows, timings, gate_up, down = ctx.state
         group, D = experts.ep_group, dy.shape[1]
-        dx, dw = torch.zeros_like(dy), torch.zeros_like(weights)
+        dx, dw = dy.new_zeros(dy.shape, dtype=ctx.x_dtype), torch.zeros_like(weights)
         sends = []
         for h, (order, token, ins, outs, _), back in zip(halves, plans, rows):  # combine's backward, both in flight
             g = dy[h].index_select(0, token)  # [pairs, D], each pair's upstream gradient
@@ -200,12 +210,12 @@ class OverlappedExchange(torch.autograd.Function):
                 dgu += g_gu
             if g_down is not None:
                 ddown += g_down
-            back = dy.new_empty(sum(ins), D)
+            back = g_recv.new_empty(sum(ins), D)
             returns.append((back, dist.all_to_all_single(back, g_recv.contiguous(), ins, outs, group=group,
                                                          async_op=True)))
         for h, (back, work), (order, token, *_) in zip(halves, returns, plans):  # dispatch's backward
             _timed(timings, "wait", work.wait)
-            dx[h].index_add_(0, token, back)
+            dx[h].index_add_(0, token, back.to(dx.dtype))
         return dx, dw, dgu, ddown, None, None, None, None, None
 
 
@@ -217,7 +227,7 @@ class EP:
                  n_group: int = 1, pp: int = 1, overlap: bool = False):
         self.check(ep, world, pp, redundant, every)
         dp = world // pp  # the data-parallel ranks (with PP: those holding the same stages)
-        self.size, self.world, self.rank = ep, dp, rank  # world: what a gradient's data-parallel mean divides by
+        self.size, self.world, self.rank, self.device = ep, dp, rank, device  # world: what a gradient's data-parallel mean divides by
         self.index = (rank // pp) % ep  # this rank's place in its EP group
         self.redundant, self.every, self.n_group, self.overlap = redundant, every, n_group, overlap
         self.layers = []  # the sharded Experts modules, in the model's order (= moe_layers' order)
@@ -296,22 +306,22 @@ class EP:
 
     def grad_norm_sq(self, model: nn.Module) -> torch.Tensor:
         """Σ g² over the whole model's gradients: the replicated part once, each logical expert once."""
-        dense = torch.zeros((), dtype=torch.float32)
+        dense = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in model.parameters():
             if p.grad is not None and getattr(p, "ep_module", None) is None:
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                dense += g.detach().float().pow(2).sum().cpu()
+                dense += g.detach().float().pow(2).sum()
         return dense + self.sharded_sq(model.parameters())
 
     def sharded_sq(self, params) -> torch.Tensor:
         """Σ g² over the expert shards among `params`, each logical expert once (a slot's share is 1 / its expert's
         replica count), summed over the EP group."""
-        sharded = torch.zeros((), dtype=torch.float32)
+        sharded = torch.zeros((), dtype=torch.float32, device=self.device)  # on the training device: nccl
         for p in params:
             m = getattr(p, "ep_module", None)
             if m is not None and p.grad is not None:
-                share = 1.0 / m.local(m.logcnt.float()).cpu()  # [slots]: 1 / the replicas of its expert
-                sharded += (p.grad.detach().float().pow(2).flatten(1).sum(1).cpu() * share).sum()
+                share = 1.0 / m.local(m.logcnt.float()).to(p.grad.device)  # [slots]: 1 / the replicas of its expert
+                sharded += (p.grad.detach().float().pow(2).flatten(1).sum(1) * share).sum()
         if self.group is not None:
             dist.all_reduce(sharded, group=self.group)
         return sharded

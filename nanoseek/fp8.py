@@ -356,6 +356,17 @@ DEFAULT_FILTER = re.compile(r"(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_wi
                             r"|mlp\.experts|eh_proj)$")
 
 
+_FP8_CLASSES = {}
+
+
+def fp8_experts_class(cls: type) -> type:
+    """An Experts subclass made FP8 by cooperative inheritance: FP8{cls} (cls, FP8Experts), so that cls's calls to
+    the next class's `grouped` (EPExperts.compute: a rank's own experts) reach FP8Experts.grouped."""
+    if cls not in _FP8_CLASSES:
+        _FP8_CLASSES[cls] = type(f"FP8{cls.__name__}", (cls, FP8Experts), {})
+    return _FP8_CLASSES[cls]
+
+
 def convert(model: nn.Module, filter=DEFAULT_FILTER, pow2: bool = False) -> list[str]:
     """Swap the chosen modules (by name: a regex or a callable name -> bool) for their FP8 classes, in place; returns
     their names. Call before torch.compile and before DDP/FSDP wrap the model."""
@@ -368,6 +379,8 @@ def convert(model: nn.Module, filter=DEFAULT_FILTER, pow2: bool = False) -> list
             m.__class__ = FP8Linear
         elif type(m) is Experts:
             m.__class__ = FP8Experts
+        elif isinstance(m, Experts) and not isinstance(m, (FP8Experts, FP8WeightExperts)):
+            m.__class__ = fp8_experts_class(type(m))  # e.g. expert parallelism's shard: FP8 x EP
         else:
             continue
         m.fp8_pow2 = pow2

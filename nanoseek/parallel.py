@@ -35,7 +35,9 @@ def init_distributed(device: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # on GPUs nccl for CUDA tensors and gloo for CPU ones (torchtitan's pair): a CPU collective is then not an
+        # error but a slow path, and the training step takes none (tests/test_nccl_safety.py)
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if use_cuda else "gloo")
     return Dist(rank, world, local_rank, dev)
 
 

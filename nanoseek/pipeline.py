@@ -131,7 +131,7 @@ class Pipeline:
         self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.pp_rank, self.pp, self.dp = rank % pp, pp, world // pp
         self.dp_rank = rank // pp
-        self.mtp_weight, self.microbatches, self.model = mtp_weight, microbatches, model
+        self.mtp_weight, self.microbatches, self.model, self.device = mtp_weight, microbatches, model, device
         bounds = [round(i * L / S) for i in range(S + 1)]
         self.layer_owner = {i: owner[s] for s in range(S) for i in range(bounds[s], bounds[s + 1])}
         self.last_owner = owner[S - 1]
@@ -240,13 +240,13 @@ class Pipeline:
     def grad_norm(self, ep=None) -> torch.Tensor:
         """The whole model's gradient norm: Σ g² over this rank's stages (the tied copy of the embedding counted once;
         expert shards through `ep`), summed over the pp ranks."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)  # on the training device: nccl has no CPU
         for p in self.parameters():
             if p.grad is not None and (self.embed_copy is None or p is not self.embed_copy.weight) \
                     and getattr(p, "ep_module", None) is None:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
+                sq += p.grad.detach().float().pow(2).sum()
         if ep is not None:
-            sq += ep.sharded_sq(self.parameters()).double()
+            sq += ep.sharded_sq(self.parameters())
         dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt().float()
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanoseek import activation_checkpoint, fp8
 from nanoseek.checkpoint import atomic_write, save_pretrained
-from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.expert_parallel import EP
@@ -73,6 +73,10 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
     g.add_argument("--eplb-every", type=int, default=0, metavar="K",
                    help="with --ep-redundant: re-place the experts every K steps from the router's measured load "
                         "(0: keep the first placement)")
+    g.add_argument("--ac", choices=activation_checkpoint.MODES, default="none",
+                   help="activation checkpointing of every decoder block: full (keep only its input, recompute the "
+                        "rest in the backward) or selective (keep the matmul and attention outputs, recompute the "
+                        "cheap ops); the router's token counts are not counted twice")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the metrics as TensorBoard events to OUT/tensorboard (extra: nanoseek[tensorboard])")
     g.add_argument("--wandb", action="store_true",
@@ -175,6 +179,11 @@ class Run:
         if getattr(args, "fp8_pow2", False) and not getattr(args, "fp8", False):
             raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
         pp = getattr(args, "pp", 1)
+        if getattr(args, "ep_overlap", False) and pp > 1 and args.pp_schedule in ("zbv", "dualpipev"):
+            # their weight-gradient pass runs apart from the input-gradient one, after the exchange's backward
+            # (one pass for both) has freed its graph
+            raise NanoseekError(f"--ep-overlap does not compose with --pp-schedule {args.pp_schedule} (its separate "
+                                f"weight-gradient pass); use 1f1b or interleaved1f1b, or EP without --ep-overlap")
         if pp > 1 and self.d.world % pp:
             raise NanoseekError(f"--pp {pp} must divide the number of ranks ({self.d.world})")
         ep, redundant, every = getattr(args, "ep", 1), getattr(args, "ep_redundant", 0), getattr(args, "eplb_every", 0)
@@ -233,13 +242,12 @@ class Run:
         self.model, self.max_steps = model, max_steps
         pp = getattr(self.args, "pp", 1)
         if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
-            if getattr(self.args, "fp8", False):
-                raise NanoseekError("--ep with --fp8 is not supported yet: choose one")
             self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
                          self.args.eplb_every, model.args.n_group or 1, pp, self.args.ep_overlap)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
+        activation_checkpoint.apply(model, getattr(self.args, "ac", "none"))  # inside the wraps, as torchtitan
         if pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (Pipeline reduces over dp itself)
             self.pp = Pipeline(model, pp, self.args.pp_schedule, self.args.pp_microbatches, self.d.world,
                                self.d.rank, self.d.device, model.args.mtp_loss_weight)
@@ -300,17 +308,9 @@ class Run:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         names = list(losses)
-        vals = torch.stack([losses[k].detach().float().reshape(()) for k in names]).to(self.d.device) if names \
-            else torch.zeros(0, device=self.d.device)
-        bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
-        all_reduce(bad, dist.ReduceOp.MAX)
-        all_reduce(vals)
-        vals /= self.data_world  # under PP only the ranks holding a last stage have losses (the others add zeros)
+        vals, bad, loads = self.vote(losses, grad_norm, update_bias)
         balance = []
         if update_bias:
-            loads = [m.tokens_per_expert for m in self.model.moe_layers()]
-            for load in loads:
-                all_reduce(load)
             if self.ep is not None:
                 self.ep.observe(loads)
             balance = [round((l.max() / l.mean()).item(), 3) if l.sum() > 0 else None for l in loads]
@@ -334,6 +334,21 @@ class Run:
         return {**{k: v for k, v in zip(names, vals.tolist())}, "grad_norm": grad_norm.item(), "skipped": skipped,
                 **eplb,
                 "expert_load_max_over_mean": balance}
+
+    def vote(self, losses: dict, grad_norm: torch.Tensor, update_bias: bool):
+        """The step's collectives after the gradient norm, all on the training device (nccl has no CPU backend):
+        -> this rank's losses averaged over the ranks [n], 1 where any rank saw a non-finite loss or gradient [1], and
+        the MoE layers' expert loads summed over the ranks (in place)."""
+        vals = torch.stack([losses[k].detach().float().reshape(()) for k in losses]).to(self.d.device) if losses \
+            else torch.zeros(0, device=self.d.device)
+        bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
+        all_reduce(bad, dist.ReduceOp.MAX)
+        all_reduce(vals)
+        vals /= self.data_world  # under PP only the ranks holding a last stage have losses (the others add zeros)
+        loads = [m.tokens_per_expert for m in self.model.moe_layers()] if update_bias else []
+        for load in loads:
+            all_reduce(load)
+        return vals, bad, loads
 
     def all_sum(self, values: dict) -> dict:
         """Sum numbers over ranks by name, in one collective."""

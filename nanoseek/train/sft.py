@@ -125,7 +125,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
             o = policy(x.to(d.device), labels=y.to(d.device))
         o.loss.backward()
         out = run.optimizer_step({"loss": o.lm_loss, "mtp_loss": o.mtp_loss if o.mtp_loss is not None
-                                  else torch.zeros(())}, args.clip)
+                                  else torch.zeros((), device=d.device)}, args.clip)
         tokens += int(run.all_sum({"n": float((y != -100).sum())})["n"])
         run.log({"loss": out["loss"], "mtp_loss": out["mtp_loss"], "lr": lr, "grad_norm": out["grad_norm"],
                  "skipped_steps": run.skipped, "target_tokens": tokens, "step_seconds": time.time() - t0},
