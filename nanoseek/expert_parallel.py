@@ -25,11 +25,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from nanoseek.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Experts
+from nanoseek.parallel import build_mesh
 
 
 class AllToAll(torch.autograd.Function):
@@ -224,18 +224,17 @@ class EP:
     placement (EPLB)."""
 
     def __init__(self, ep: int, world: int, rank: int, device: torch.device, redundant: int = 0, every: int = 0,
-                 n_group: int = 1, pp: int = 1, overlap: bool = False):
+                 n_group: int = 1, pp: int = 1, overlap: bool = False, mesh=None):
+        """mesh: parallel.build_mesh's (pp, dp_mod_ep, ep) mesh (made here when not given)."""
         self.check(ep, world, pp, redundant, every)
         dp = world // pp  # the data-parallel ranks (with PP: those holding the same stages)
-        self.size, self.world, self.rank, self.device = ep, dp, rank, device  # world: what a gradient's data-parallel mean divides by
-        self.index = (rank // pp) % ep  # this rank's place in its EP group
+        self.size, self.world, self.rank, self.device = ep, dp, rank, device  # world: the data-parallel mean's divisor
+        self.index = rank % ep  # this rank's place in its EP group (ep innermost)
         self.redundant, self.every, self.n_group, self.overlap = redundant, every, n_group, overlap
         self.layers = []  # the sharded Experts modules, in the model's order (= moe_layers' order)
         self.load = None  # routed tokens per layer and logical expert since the last placement [L, E]
-        if world > 1:  # ranks ordered (dp_mod_ep, ep, pp), as the pipeline's (dp, pp): EP within the same stages
-            shape, names = ((dp // ep, ep, pp), ("dp_mod_ep", "ep", "pp")) if pp > 1 else \
-                ((dp // ep, ep), ("dp_mod_ep", "ep"))
-            self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+        if world > 1:
+            self.mesh = mesh if mesh is not None else build_mesh(world, device, pp, ep)
             self.group, self.replicas = self.mesh.get_group("ep"), self.mesh.get_group("dp_mod_ep")
         else:
             self.mesh = self.group = self.replicas = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -39,6 +40,17 @@ def init_distributed(device: str = "auto") -> Dist:
         # error but a slow path, and the training step takes none (tests/test_nccl_safety.py)
         dist.init_process_group(backend="cuda:nccl,cpu:gloo" if use_cuda else "gloo")
     return Dist(rank, world, local_rank, dev)
+
+
+def build_mesh(world: int, device: torch.device, pp: int = 1, ep: int = 1) -> DeviceMesh:
+    """The ranks as a (pp, dp_mod_ep, ep) mesh, ep innermost as torchtitan lays them out: an EP group is ep
+    neighbouring ranks (one node's NVLink when ep <= GPUs per node), the data-parallel ranks of one set of pipeline
+    stages are dp = W/pp neighbours, and a pipeline spans ranks dp apart. "dp" is dp_mod_ep x ep flattened. Rank
+    r = (pp index) * dp + (dp index), dp index = (dp_mod_ep index) * ep + (ep index)."""
+    dp = world // pp
+    mesh = init_device_mesh(device.type, (pp, dp // ep, ep), mesh_dim_names=("pp", "dp_mod_ep", "ep"))
+    mesh["dp_mod_ep", "ep"]._flatten("dp")
+    return mesh
 
 
 def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp", ignored=()) -> torch.nn.Module:

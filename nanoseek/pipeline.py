@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
 
 from nanoseek.errors import NanoseekError
+from nanoseek.parallel import build_mesh
 
 SCHEDULES = {"1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
              "dualpipev": ScheduleDualPipeV}
@@ -117,7 +117,8 @@ class Pipeline:
     """The stages this rank holds, their schedule, and the step that runs it (see the module's doc)."""
 
     def __init__(self, model, pp: int, schedule: str, microbatches: int, world: int, rank: int,
-                 device: torch.device, mtp_weight: float):
+                 device: torch.device, mtp_weight: float, mesh=None):
+        """mesh: parallel.build_mesh's (pp, dp_mod_ep, ep) mesh (made here when not given)."""
         if schedule not in SCHEDULES:
             raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if pp < 2 or world % pp:
@@ -127,10 +128,10 @@ class Pipeline:
         L = len(model.layers)
         if L < S:
             raise NanoseekError(f"--pp {pp} with {schedule} needs {S} stages, and the model has {L} layers")
-        self.mesh = init_device_mesh(device.type, (world // pp, pp), mesh_dim_names=("dp", "pp"))
-        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
-        self.pp_rank, self.pp, self.dp = rank % pp, pp, world // pp
-        self.dp_rank = rank // pp
+        self.mesh = mesh if mesh is not None else build_mesh(world, device, pp)
+        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh["dp"].get_group()
+        self.pp, self.dp = pp, world // pp
+        self.pp_rank, self.dp_rank = rank // self.dp, rank % self.dp  # pp outermost: rank = pp_rank * dp + dp_rank
         self.mtp_weight, self.microbatches, self.model, self.device = mtp_weight, microbatches, model, device
         bounds = [round(i * L / S) for i in range(S + 1)]
         self.layer_owner = {i: owner[s] for s in range(S) for i in range(bounds[s], bounds[s + 1])}
@@ -155,7 +156,7 @@ class Pipeline:
         self.tie_group = None
         if self.last_owner != 0:
             for d in range(self.dp):
-                g = dist.new_group([d * pp, d * pp + self.last_owner])
+                g = dist.new_group([d, self.last_owner * self.dp + d])
                 if d == self.dp_rank and self.pp_rank in (0, self.last_owner):
                     self.tie_group = g
         self.parts = {}  # the last stage's loss terms of the current step, for the logs
@@ -263,12 +264,11 @@ class Pipeline:
     def full_state(self, sd: dict) -> dict:
         """The model's state dict with every tensor as its owning stage holds it (broadcast within the pp group)."""
         out = {}
-        base = self.dp_rank * self.pp
         for name, t in sd.items():
             t = t.detach().clone()
             src = self.owner(name)
             if src != self.pp_rank or name.startswith(("layers.", "embed_tokens.", "norm.", "lm_head.", "mtp.")):
-                dist.broadcast(t, src=base + src, group=self.pp_group)
+                dist.broadcast(t, group_src=src, group=self.pp_group)
             out[name] = t
         return out
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Expert and pipeline parallelism on several GPUs of one node (nccl), the checks a single GPU cannot make:
-# the EP all-to-all and its overlap (bench/ep.py), and short `small`-preset pretrainings under EP, EP with
-# redundant experts and overlap, and two pipeline schedules, all with the same global batch: their losses should agree
-# (to summation order) and their tokens/s and MFU compare the layouts.
+# the EP all-to-all and its overlap (bench/ep.py), and short `small`-preset pretrainings under DP, EP, EP with
+# redundant experts and overlap, EP + overlap + FP8 (bf16 autocast), activation checkpointing (full, selective), two
+# pipeline schedules and PP x EP, all with the same global batch: their losses should agree (to summation order; FP8
+# to its own drift) and their tokens/s, MFU and peak memory compare the layouts.
 #   NGPU=8 bash runs/multigpu_check.sh               (default: all visible GPUs; at least 2)
 #   DEVICE=cpu NGPU=2 PRESET=tiny bash runs/multigpu_check.sh   the same commands on CPU gloo ranks (a dry run)
 # Results under $OUT (default out/multigpu_check): ep_bench.json, one run directory per configuration, summary.txt.
@@ -23,8 +24,11 @@ PPB="--batch-size $((B * 2)) --pp-microbatches 4"  # 2 stages: half the data-par
 [ -f "$OUT/data/meta.json" ] || .venv/bin/nanoseek data --out "$OUT/data" --docs 4000 --vocab-size $VOCAB
 $RUN bench/ep.py --device "$DEVICE" --preset "$PRESET" --tokens $TOK --json "$OUT/ep_bench.json" | tee "$OUT/summary.txt"
 common="pretrain --preset $PRESET --data $OUT/data --max-steps $STEPS --device $DEVICE --eval-every $STEPS --log-every 5 $SIZE"
+# (fp8 needs Hopper or the CPU emulation; ep_overlap_fp8 runs the overlapped exchange under bf16 autocast)
 for cfg in "dp" "ep:--ep $NGPU" "ep_overlap_eplb:--ep $NGPU --ep-overlap --ep-redundant $NGPU --eplb-every 5" \
-           "pp_1f1b:--pp 2 --pp-schedule 1f1b $PPB" "pp_dualpipev:--pp 2 --pp-schedule dualpipev $PPB"; do
+           "ep_overlap_fp8:--ep $NGPU --ep-overlap --fp8" "dp_ac_full:--ac full" "dp_ac_selective:--ac selective" \
+           "pp_1f1b:--pp 2 --pp-schedule 1f1b $PPB" "pp_dualpipev:--pp 2 --pp-schedule dualpipev $PPB" \
+           "pp_ep:--pp 2 --pp-schedule 1f1b --ep $((NGPU / 2)) $PPB"; do
     name=${cfg%%:*}; flags=${cfg#*:}; [ "$name" = dp ] && flags=""
     rm -rf "$OUT/$name"
     $RUN -m nanoseek $common --out "$OUT/$name" $flags 2>&1 | tail -3
@@ -32,6 +36,6 @@ for cfg in "dp" "ep:--ep $NGPU" "ep_overlap_eplb:--ep $NGPU --ep-overlap --ep-re
 import json, sys
 rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
 print(f"{sys.argv[2]:18s} final loss {rows[-1]['loss']:.4f}  tokens/s {sum(r['tokens_per_s'] for r in rows[1:]) / max(1, len(rows) - 1):,.0f}"
-      f"  mfu {rows[-1]['mfu'] or 0:.3f}")
+      f"  mfu {rows[-1]['mfu'] or 0:.3f}  peak memory {rows[-1].get('peak_memory_gib', float('nan')):.2f} GiB")
 PY
 done

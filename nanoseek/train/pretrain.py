@@ -231,7 +231,9 @@ def main(args) -> dict:
                  "total_loss": out["total_loss"], "lr": lr, "grad_norm": out["grad_norm"], "skipped": out["skipped"],
                  "skipped_steps": run.skipped, "tokens": tokens, "tokens_per_s": batch_tokens / dt, "mfu": mfu,
                  "expert_load_max_over_mean": out["expert_load_max_over_mean"], "step_seconds": dt,
-                 **{k: out[k] for k in ("eplb_rank_load_max_over_mean",) if k in out}},
+                 **{k: out[k] for k in ("eplb_rank_load_max_over_mean",) if k in out},
+                 **({"peak_memory_gib": torch.cuda.max_memory_allocated(d.device) / 2 ** 30}
+                    if d.device.type == "cuda" else {})},
                 show={"loss": f"{out['loss']:.3f}", "tok/s": f"{batch_tokens / dt:,.0f}",
                       "mfu": f"{100 * mfu:.1f}%" if mfu else "-"} | ({"skipped": run.skipped} if run.skipped else {}))
         if out["skipped"]:

@@ -32,7 +32,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.expert_parallel import EP
 from nanoseek.pipeline import Pipeline
-from nanoseek.parallel import all_reduce, barrier, init_distributed, wrap
+from nanoseek.parallel import all_reduce, barrier, build_mesh, init_distributed, wrap
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, gather_full,
                                    load_optimizer_tensors, param_groups, resume_latest, rng_state,
                                    save_training_checkpoint)
@@ -191,7 +191,7 @@ class Run:
         if ep == 1 and (redundant or every or getattr(args, "ep_overlap", False)):
             raise NanoseekError("--ep-redundant, --eplb-every and --ep-overlap apply to expert parallelism: add --ep N")
         # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
-        self.data_rank, self.data_world = self.d.rank // pp, self.d.world // pp
+        self.data_rank, self.data_world = self.d.rank % (self.d.world // pp), self.d.world // pp  # pp outermost
         self.ep = self.pp = None
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
@@ -240,17 +240,20 @@ class Run:
         """Wrap the model for the ranks, build AdamW over its trainable parameters (its resumed state loaded), open
         the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
-        pp = getattr(self.args, "pp", 1)
+        pp, ep = getattr(self.args, "pp", 1), getattr(self.args, "ep", 1)
+        # one (pp, dp_mod_ep, ep) mesh for EP and PP, ep innermost
+        self.mesh = build_mesh(self.d.world, self.d.device, pp, ep) if self.d.enabled and (pp > 1 or ep > 1) \
+            else None
         if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
             self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
-                         self.args.eplb_every, model.args.n_group or 1, pp, self.args.ep_overlap)
+                         self.args.eplb_every, model.args.n_group or 1, pp, self.args.ep_overlap, self.mesh)
             self.ep.shard(model)
         if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
             fp8.convert(model, pow2=self.args.fp8_pow2)
         activation_checkpoint.apply(model, getattr(self.args, "ac", "none"))  # inside the wraps, as torchtitan
         if pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (Pipeline reduces over dp itself)
             self.pp = Pipeline(model, pp, self.args.pp_schedule, self.args.pp_microbatches, self.d.world,
-                               self.d.rank, self.d.device, model.args.mtp_loss_weight)
+                               self.d.rank, self.d.device, model.args.mtp_loss_weight, self.mesh)
             wrapped = None
             mine = {id(p) for p in self.pp.parameters()}
             groups = [{**g, "params": [p for p in g["params"] if id(p) in mine],
