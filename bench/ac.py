@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nanoseek import activation_checkpoint as ac
+from nanoseek.parallel import activation_checkpoint as ac
 from nanoseek import build_model, get_preset
 
 

@@ -19,7 +19,7 @@ import statistics
 import time
 
 from nanoseek.config import get_preset  # first: nanoseek sets torch's CPU allocator options
-from nanoseek.expert_parallel import EP, all_to_all
+from nanoseek.parallel.expert_parallel import EP, all_to_all
 from nanoseek.model.moe import Experts, MoE
 
 import torch

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.config import get_preset
-from nanoseek.expert_parallel import EP
+from nanoseek.parallel.expert_parallel import EP
 from nanoseek.model.moe import MoE
 
 

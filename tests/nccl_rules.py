@@ -16,11 +16,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from nanoseek.config import get_preset
-from nanoseek.expert_parallel import EP
+from nanoseek.parallel.expert_parallel import EP
 from nanoseek.model import build_model
-from nanoseek.parallel import Dist
-from nanoseek.pipeline import Pipeline
-from nanoseek.train.run import Run
+from nanoseek.parallel import Dist, Layout, Plan
+from nanoseek.parallel.pipeline import Pipeline
 
 
 def main():
@@ -42,10 +41,10 @@ def main():
                              has_first=True, has_last=False, tie_group=pp_mesh.get_group("pp"), model=model)
     Pipeline.sync_grads(stages)  # the tied embedding's sum and the data-parallel mean
     norm = Pipeline.grad_norm(stages, ep)
-    run = Run.__new__(Run)  # the trainer's own vote: losses, the non-finite flag, router loads over the ranks
-    run.d, run.data_world, run.model = Dist(0, world, 0, device), world, model
+    plan = Plan(model, Dist(0, world, 0, device), Layout(ep=2))  # the trainer's vote: losses, the non-finite
+    plan.ep = ep  # flag, the router loads over the ranks
     losses = {"loss": torch.zeros((), device=device), "mtp_loss": torch.zeros((), device=device)}
-    Run.vote(run, losses, norm, update_bias=True)
+    plan.vote(losses, norm, [m.tokens_per_expert for m in model.moe_layers()])
     print("ok: every collective of the step on the training device")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanoseek import activation_checkpoint as ac
+from nanoseek.parallel import activation_checkpoint as ac
 from nanoseek import build_model, get_preset
 from nanoseek.cli import main
 from tests.test_pretrain import data, metrics  # noqa: F401  (data: the 600-document corpus fixture)

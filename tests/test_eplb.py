@@ -1,4 +1,4 @@
-"""EPLB (nanoseek/eplb.py): the three maps agree with each other and place every expert, each GPU gets its share of
+"""EPLB (nanoseek/parallel/eplb.py): the three maps agree with each other and place every expert, each GPU gets its share of
 slots; placements match hand-worked examples (hierarchical and global) and the replication is optimal against a brute
 force; on Zipf-skewed loads the busiest GPU gets lighter than under plain contiguous EP; the hierarchical policy keeps
 expert groups whole on nodes; the result is deterministic; bad layouts raise a clear ValueError; the EP helpers (a
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from nanoseek.eplb import (PlacementError, balance, contiguous_placement, expert_placement, rank_loads,
+from nanoseek.parallel.eplb import (PlacementError, balance, contiguous_placement, expert_placement, rank_loads,
                            rebalance_experts, replicate_experts, route_to_replicas)
 
 # (experts, groups, nodes, gpus, slots): hierarchical and global set-ups, with and without redundant slots

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
-from nanoseek.expert_parallel import local_slice
+from nanoseek.parallel.expert_parallel import local_slice
 from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files
 from nanoseek.errors import NanoseekError
 
@@ -92,27 +92,6 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: 
 
 # ---- training checkpoints ------------------------------------------------------------------------------------------
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together."""
-    t = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return t.detach().to("cpu").contiguous()
-
-
-def gather_full(model, opt, ep=None) -> dict:
-    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters. Under EP the
-    expert shards are gathered into whole [E, ...] tensors (the published layout whatever the EP degree)."""
-    sharded = set(ep.names) if ep is not None else set()
-    tensors, groups = {}, []
-    for g in opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params"})
-        for name, p in zip(g["names"], g["params"]):
-            for k, v in opt.state.get(p, {}).items():
-                v = ep.full(name, v) if name in sharded and v.dim() > 0 else v
-                tensors[f"{name}::{k}"] = _full(v)
-    sd = {k: _full(ep.full(k, v) if k in sharded else v) for k, v in model.state_dict().items()}
-    return {"model": sd, "optimizer": tensors, "groups": groups}
-
-
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
                            subset: bool = False) -> None:
     """subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
@@ -146,7 +125,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model, full: dict, state:
                              keep: int = 3) -> Path:
     """checkpoints/step_{step:06d}/ = the model (published layout) + optimizer.safetensors + train_state.json,
     written to a temporary directory and renamed when complete; then all but the newest `keep` are removed.
-    `full` comes from gather_full."""
+    `full` comes from parallel.Plan.gather."""
     root = Path(run_dir) / "checkpoints"
 
     def write(tmp: Path):

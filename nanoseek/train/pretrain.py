@@ -194,7 +194,7 @@ def main(args) -> dict:
     state = run.resume(model)
     if state:
         train.load_state_dict(state["loader"])
-    wrapped = run.start(model, args.max_steps, args.lr, args.weight_decay, (0.9, args.beta2), args.parallel,
+    wrapped = run.start(model, args.max_steps, args.lr, args.weight_decay, (0.9, args.beta2),
                         logs=("metrics.jsonl", "eval.jsonl", "samples.jsonl"))
     use_compile = args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda")
     fwd = torch.compile(wrapped) if use_compile and wrapped is not None else wrapped
@@ -263,9 +263,9 @@ def summary(run: Run, result: dict, last_eval: dict, meta: dict) -> None:
 def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) -> dict:
     """`accum` micro-batches, gradients accumulated (DDP syncs on the last only) -> this rank's mean losses."""
     d = run.d
-    if run.pp is not None:  # the pipeline's schedule runs the forwards and backwards of its microbatches
+    if run.plan.pp is not None:  # the pipeline's schedule runs the forwards and backwards of its microbatches
         x, y = train.next()
-        return run.pp.step(x.to(d.device), y.to(d.device))
+        return run.plan.pp.step(x.to(d.device), y.to(d.device))
     sums = torch.zeros(4, device=d.device)  # lm, mtp, balance, total
     for micro in range(accum):
         x, y = train.next()
@@ -291,7 +291,7 @@ def eval_and_sample(run: Run, evals: dict, tok, problems: list[dict]) -> dict:
                                                         loader.n_windows // (loader.batch * loader.world)))
           for name, loader in evals.items()}
     # under FSDP or EP every rank must run the forwards (collectives inside); otherwise the main rank alone generates
-    every = run.args.parallel == "fsdp" or run.ep is not None
+    every = run.args.parallel == "fsdp" or run.plan.ep is not None
     rows = samples(run.model, tok, problems) if problems and (run.main or every) else []
     run.log(ev, log="eval")
     for r in rows:

@@ -4,7 +4,8 @@ file (pretrain, sft, rl; distill goes through sft) reads as its own loop and not
     run = Run(args, "sft")                 threads, process group, device, optional trackers checked
     run.open(identity)                     run directory: new (run.json written first, atomically), resumed, or refused
     state = run.resume(model)              newest complete checkpoint -> weights, RNG, step, loop state ({} if none)
-    policy = run.start(model, ...)         wrap (DDP / FSDP2), AdamW (+ its resumed state), metrics, progress, trackers
+    policy = run.start(model, ...)         parallel.parallelize (EP, FP8, AC, PP | DDP / FSDP2), AdamW (+ its resumed
+                                           state), metrics, progress, trackers
     while run.step < max_steps:
         ... the trainer's own forward / backward ...
         out = run.optimizer_step(losses)   clip, the non-finite vote over ranks, skip or step, router-bias update
@@ -26,16 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanoseek import activation_checkpoint, fp8
 from nanoseek.checkpoint import atomic_write, save_pretrained
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
-from nanoseek.expert_parallel import EP
-from nanoseek.pipeline import Pipeline
-from nanoseek.parallel import all_reduce, barrier, build_mesh, init_distributed, wrap
-from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, gather_full,
-                                   load_optimizer_tensors, param_groups, resume_latest, rng_state,
-                                   save_training_checkpoint)
+from nanoseek.parallel import Layout, all_reduce, barrier, init_distributed, parallelize
+from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
+from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, load_optimizer_tensors,
+                                   param_groups, resume_latest, rng_state, save_training_checkpoint)
 
 
 def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int) -> None:
@@ -69,11 +67,11 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
                         "one's dispatch and combine overlapping the other's experts, forward and backward")
     g.add_argument("--ep-redundant", type=int, default=0, metavar="R",
                    help="with --ep: R redundant expert slots per MoE layer (E + R divisible by N), replicas of the "
-                        "most loaded experts placed by EPLB (nanoseek/eplb.py), as V3's inference does")
+                        "most loaded experts placed by EPLB (nanoseek/parallel/eplb.py), as V3's inference does")
     g.add_argument("--eplb-every", type=int, default=0, metavar="K",
                    help="with --ep-redundant: re-place the experts every K steps from the router's measured load "
                         "(0: keep the first placement)")
-    g.add_argument("--ac", choices=activation_checkpoint.MODES, default="none",
+    g.add_argument("--ac", choices=AC_MODES, default="none",
                    help="activation checkpointing of every decoder block: full (keep only its input, recompute the "
                         "rest in the backward) or selective (keep the matmul and attention outputs, recompute the "
                         "cheap ops); the router's token counts are not counted twice")
@@ -176,23 +174,12 @@ class Run:
             torch.set_num_threads(args.threads)
         self.args, self.stage = args, stage
         self.d = init_distributed(args.device)
-        if getattr(args, "fp8_pow2", False) and not getattr(args, "fp8", False):
-            raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
-        pp = getattr(args, "pp", 1)
-        if getattr(args, "ep_overlap", False) and pp > 1 and args.pp_schedule in ("zbv", "dualpipev"):
-            # their weight-gradient pass runs apart from the input-gradient one, after the exchange's backward
-            # (one pass for both) has freed its graph
-            raise NanoseekError(f"--ep-overlap does not compose with --pp-schedule {args.pp_schedule} (its separate "
-                                f"weight-gradient pass); use 1f1b or interleaved1f1b, or EP without --ep-overlap")
-        if pp > 1 and self.d.world % pp:
-            raise NanoseekError(f"--pp {pp} must divide the number of ranks ({self.d.world})")
-        ep, redundant, every = getattr(args, "ep", 1), getattr(args, "ep_redundant", 0), getattr(args, "eplb_every", 0)
-        EP.check(ep, self.d.world, pp, redundant, every)
-        if ep == 1 and (redundant or every or getattr(args, "ep_overlap", False)):
-            raise NanoseekError("--ep-redundant, --eplb-every and --ep-overlap apply to expert parallelism: add --ep N")
+        self.layout = Layout.from_args(args)
+        self.layout.check(self.d.world)  # one line for a layout that cannot be, before anything is written
+        self.plan = None  # parallel.parallelize's, from start() on
         # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
-        self.data_rank, self.data_world = self.d.rank % (self.d.world // pp), self.d.world // pp  # pp outermost
-        self.ep = self.pp = None
+        self.data_world = self.d.world // self.layout.pp
+        self.data_rank = self.d.rank % self.data_world
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.resuming, self.resumed, self._opt_state = False, False, None
@@ -235,45 +222,20 @@ class Run:
         return state
 
     # ---- the loop ----
-    def start(self, model, max_steps: int, lr: float, weight_decay: float, betas=(0.9, 0.95), parallel: str = "ddp",
+    def start(self, model, max_steps: int, lr: float, weight_decay: float, betas=(0.9, 0.95),
               logs=("metrics.jsonl", "eval.jsonl")):
-        """Wrap the model for the ranks, build AdamW over its trainable parameters (its resumed state loaded), open
+        """Parallelize the model for the ranks (the run's Layout: parallel.parallelize), build AdamW over its trainable parameters (its resumed state loaded), open
         the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
-        pp, ep = getattr(self.args, "pp", 1), getattr(self.args, "ep", 1)
-        # one (pp, dp_mod_ep, ep) mesh for EP and PP, ep innermost
-        self.mesh = build_mesh(self.d.world, self.d.device, pp, ep) if self.d.enabled and (pp > 1 or ep > 1) \
-            else None
-        if getattr(self.args, "ep", 1) > 1:  # from outside, before the data-parallel wrap and the optimizer
-            self.ep = EP(self.args.ep, self.d.world, self.d.rank, self.d.device, self.args.ep_redundant,
-                         self.args.eplb_every, model.args.n_group or 1, pp, self.args.ep_overlap, self.mesh)
-            self.ep.shard(model)
-        if getattr(self.args, "fp8", False):  # from outside, before the wrap and compile
-            fp8.convert(model, pow2=self.args.fp8_pow2)
-        activation_checkpoint.apply(model, getattr(self.args, "ac", "none"))  # inside the wraps, as torchtitan
-        if pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (Pipeline reduces over dp itself)
-            self.pp = Pipeline(model, pp, self.args.pp_schedule, self.args.pp_microbatches, self.d.world,
-                               self.d.rank, self.d.device, model.args.mtp_loss_weight, self.mesh)
-            wrapped = None
-            mine = {id(p) for p in self.pp.parameters()}
-            groups = [{**g, "params": [p for p in g["params"] if id(p) in mine],
-                       "names": [n for n, p in zip(g["names"], g["params"]) if id(p) in mine]}
-                      for g in param_groups(model, weight_decay, keep_empty=True)]
-            if self.pp.embed_copy is not None:  # the last stage's tied copy, under the embedding's name
-                no_decay = next(g for g in groups if g["weight_decay"] == 0.0)
-                no_decay["params"].append(self.pp.embed_copy.weight)
-                no_decay["names"].append("embed_tokens.weight")
-            self._all_names = [g["names"] for g in param_groups(model, weight_decay, keep_empty=True)]
-        else:
-            wrapped = wrap(model, self.d, parallel, ignored=self.ep.names if self.ep else ())
-            groups = param_groups(model, weight_decay)
+        self.plan = parallelize(model, self.d, self.layout)  # EP, FP8, AC, then PP or DDP/FSDP2, in that order
+        groups, self._all_names = self.plan.param_groups(lambda keep: param_groups(model, weight_decay, keep))
         if getattr(self.args, "bf16_moments", False):
             self.opt = AdamWBF16Moments(groups, lr=lr, betas=betas, eps=1e-8)
         else:
             self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
                                          fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps parameters
         if self._opt_state is not None:
-            load_optimizer_tensors(self.opt, *self._opt_state, subset=self.pp is not None)
+            load_optimizer_tensors(self.opt, *self._opt_state, subset=self.plan.pp is not None)
         # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
         self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=self.step if self.resumed else None,
                                                  enabled=self.main) for name in logs}
@@ -281,7 +243,7 @@ class Run:
                                  self.step if self.resuming else None, self.main)
         self.progress = Progress(max_steps, self.step, self.main, self.args.log_every, desc=self.stage)
         self.t_start = time.time()
-        return wrapped
+        return self.plan.wrapped
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
@@ -294,29 +256,11 @@ class Run:
         tensor); returned with their mean over ranks, the grad norm, `skipped` and the max/mean load per MoE layer.
         count: this is the loop's step (steps that are several optimizer steps count once, with count on the last);
         skipped_steps counts skipped optimizer steps."""
-        if self.ep is not None or self.pp is not None:  # the norm over the whole model, not this rank's part
-            if self.ep is not None:  # the expert shards' gradients to the data-parallel mean
-                self.ep.reduce_grads(self.model)
-            if self.pp is not None:
-                grad_norm = self.pp.grad_norm(self.ep).to(self.d.device)
-            else:
-                grad_norm = self.ep.grad_norm_sq(self.model).sqrt().to(self.d.device)
-            coef = clip / (grad_norm.item() + 1e-6)
-            if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
-                for g in self.opt.param_groups:
-                    for p in g["params"]:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        grad_norm = self.plan.clip_grads(self.opt, clip)  # the whole model's, not this rank's part
         names = list(losses)
-        vals, bad, loads = self.vote(losses, grad_norm, update_bias)
-        balance = []
-        if update_bias:
-            if self.ep is not None:
-                self.ep.observe(loads)
-            balance = [round((l.max() / l.mean()).item(), 3) if l.sum() > 0 else None for l in loads]
+        loads = [m.tokens_per_expert for m in self.model.moe_layers()] if update_bias else []
+        vals, bad = self.plan.vote(losses, grad_norm, loads)
+        balance = [round((l.max() / l.mean()).item(), 3) if l.sum() > 0 else None for l in loads]
         skipped = bool(bad.item() > 0)
         if skipped:
             self.skipped += 1
@@ -329,29 +273,10 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         if count:
             self.step += 1
-        eplb = {}
-        if self.ep is not None and self.ep.every and count and self.step % self.ep.every == 0:
-            before_after = self.ep.rebalance(self.opt)  # EPLB: the experts re-placed from the load since the last
-            if before_after:
-                eplb = {"eplb_rank_load_max_over_mean": [round(v, 3) for v in before_after]}
+        eplb = self.plan.rebalance(self.opt, self.step) if count else {}
         return {**{k: v for k, v in zip(names, vals.tolist())}, "grad_norm": grad_norm.item(), "skipped": skipped,
                 **eplb,
                 "expert_load_max_over_mean": balance}
-
-    def vote(self, losses: dict, grad_norm: torch.Tensor, update_bias: bool):
-        """The step's collectives after the gradient norm, all on the training device (nccl has no CPU backend):
-        -> this rank's losses averaged over the ranks [n], 1 where any rank saw a non-finite loss or gradient [1], and
-        the MoE layers' expert loads summed over the ranks (in place)."""
-        vals = torch.stack([losses[k].detach().float().reshape(()) for k in losses]).to(self.d.device) if losses \
-            else torch.zeros(0, device=self.d.device)
-        bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
-        all_reduce(bad, dist.ReduceOp.MAX)
-        all_reduce(vals)
-        vals /= self.data_world  # under PP only the ranks holding a last stage have losses (the others add zeros)
-        loads = [m.tokens_per_expert for m in self.model.moe_layers()] if update_bias else []
-        for load in loads:
-            all_reduce(load)
-        return vals, bad, loads
 
     def all_sum(self, values: dict) -> dict:
         """Sum numbers over ranks by name, in one collective."""
@@ -404,21 +329,13 @@ class Run:
         barrier()
 
     def gather(self) -> dict:
-        """The whole model and optimizer state (gather_full: collective under FSDP, EP and PP)."""
-        full = gather_full(self.model, self.opt, self.ep)
-        if self.pp is not None:
-            full["model"] = self.pp.full_state(full["model"])
-            full["optimizer"] = self.pp.full_optimizer(full["optimizer"])
-            for g, names in zip(full["groups"], self._all_names):
-                g["names"] = names
-        return full
+        """The whole model and optimizer state (collective under FSDP, EP and PP)."""
+        return self.plan.gather(self.opt, self._all_names)
 
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (for evaluation and
         sampling through the whole model on one rank)."""
-        if self.pp is not None:
-            with torch.no_grad():
-                self.model.load_state_dict(self.pp.full_state(self.model.state_dict()))
+        self.plan.sync_stages()
 
     def ledger(self, wall: float | None = None) -> dict:
         """ledger.json: what the stage cost. The trainer's `cost()` gives its own fields (tokens, FLOPs, ...)."""

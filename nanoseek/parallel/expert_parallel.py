@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanoseek.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
+from nanoseek.parallel.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Experts
-from nanoseek.parallel import build_mesh
+from nanoseek.parallel.distributed import build_mesh
 
 
 class AllToAll(torch.autograd.Function):

@@ -25,7 +25,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
                                           ScheduleZBVZeroBubble)
 
 from nanoseek.errors import NanoseekError
-from nanoseek.parallel import build_mesh
+from nanoseek.parallel.distributed import build_mesh
 
 SCHEDULES = {"1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
              "dualpipev": ScheduleDualPipeV}

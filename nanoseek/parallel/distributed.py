@@ -1,5 +1,5 @@
-"""Parallelism applied from outside the model (torchtitan's rule): the model is single-device code; `torchrun` starts
-the processes, `init_distributed` joins them (gloo on CPU, nccl on GPU), `wrap` applies DDP or FSDP2."""
+"""The processes and their layout: `torchrun` starts them, `init_distributed` joins them (gloo on CPU; nccl for CUDA
+tensors and gloo for CPU ones on GPUs), `build_mesh` lays them out as (pp, dp_mod_ep, ep); small collective helpers."""
 
 import os
 from dataclasses import dataclass
@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -51,29 +49,6 @@ def build_mesh(world: int, device: torch.device, pp: int = 1, ep: int = 1) -> De
     mesh = init_device_mesh(device.type, (pp, dp // ep, ep), mesh_dim_names=("pp", "dp_mod_ep", "ep"))
     mesh["dp_mod_ep", "ep"]._flatten("dp")
     return mesh
-
-
-def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp", ignored=()) -> torch.nn.Module:
-    """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard` per block, then the root). `ignored`:
-    parameter names the wrap leaves alone (expert-parallel shards, whose gradients expert_parallel reduces)."""
-    if not d.enabled or mode == "none":
-        return model
-    if mode == "ddp":
-        if ignored:
-            DDP._set_params_and_buffers_to_ignore_for_model(model, list(ignored))
-        # broadcast_buffers=False: the router's load counts are per rank until the trainer sums them
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
-    if mode == "fsdp":
-        skip = {p for n, p in model.named_parameters() if n in set(ignored)}
-        for block in list(model.layers) + [m.block for m in model.mtp]:
-            fully_shard(block, ignored_params=skip or None)
-        fully_shard(model, ignored_params=skip or None)
-        return model
-    raise ValueError(mode)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""One plan for a model on this rank (torchtitan's parallelize step): `check` refuses a layout that cannot be, in one
+line, before anything is written; `parallelize` applies the wraps in one fixed order and returns the `Plan`, which
+owns the per-step jobs that depend on the layout (gradient norm and clipping, the ranks' vote, the full state for
+checkpoints). The trainer (`train/run.py: Run`) holds the plan and nothing else about parallelism.
+
+The order, from the inside out (each wraps what the one before left):
+
+    1. EP          the routed experts sharded over the mesh's ep dimension (expert_parallel.EP.shard)
+    2. FP8         the chosen linears and experts swapped for FP8 classes (EP's shard included: FP8 x EP)
+    3. AC          every decoder block's forward under torch.utils.checkpoint (activation_checkpoint.apply)
+    4. PP | DP     the stages this rank holds (pipeline.Pipeline), or DDP / FSDP2 over the data-parallel ranks
+    (5. compile    the trainer's, on CUDA)
+
+What composes with what (anything not refused here is tested equal to one process, bench/RESULTS.md):
+
+    | with          | EP  | PP  | FSDP2 | FP8 | AC  | --ep-overlap        | EPLB |
+    | EP            |  -  | yes | yes   | yes | yes | yes                 | yes  |
+    | PP            | yes |  -  | no*   | yes | yes | 1f1b, interleaved   | yes  |
+    (* under PP the stages are replicated over dp and their gradients all-reduced by the pipeline itself)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanoseek import fp8
+from nanoseek.errors import NanoseekError
+from nanoseek.parallel import activation_checkpoint
+from nanoseek.parallel.data_parallel import wrap
+from nanoseek.parallel.distributed import Dist, all_reduce, build_mesh
+from nanoseek.parallel.expert_parallel import EP
+from nanoseek.parallel.pipeline import Pipeline
+
+
+@dataclass
+class Layout:
+    """The parallel and precision options of a run (the trainers' flags of the same names)."""
+    parallel: str = "ddp"  # ddp | fsdp | none: the data-parallel wrap
+    ep: int = 1
+    ep_overlap: bool = False
+    ep_redundant: int = 0
+    eplb_every: int = 0
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 4
+    fp8: bool = False
+    fp8_pow2: bool = False
+    ac: str = "none"
+
+    @classmethod
+    def from_args(cls, args) -> "Layout":
+        """The trainer's parsed flags; a trainer without a flag (sft has no --pp) gets its default."""
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+    def check(self, world: int) -> None:
+        """One line for a layout that cannot be (see the module's table)."""
+        if self.fp8_pow2 and not self.fp8:
+            raise NanoseekError("--fp8-pow2 chooses the scales of --fp8; add --fp8")
+        if self.ac not in activation_checkpoint.MODES:
+            raise NanoseekError(f"--ac must be one of {', '.join(activation_checkpoint.MODES)}, got {self.ac!r}")
+        if self.ep_overlap and self.pp > 1 and self.pp_schedule in ("zbv", "dualpipev"):
+            # their weight-gradient pass runs apart from the input-gradient one, after the exchange's backward
+            # (one pass for both) has freed its graph
+            raise NanoseekError(f"--ep-overlap does not compose with --pp-schedule {self.pp_schedule} (its separate "
+                                f"weight-gradient pass); use 1f1b or interleaved1f1b, or EP without --ep-overlap")
+        if self.pp > 1 and world % self.pp:
+            raise NanoseekError(f"--pp {self.pp} must divide the number of ranks ({world})")
+        EP.check(self.ep, world, self.pp, self.ep_redundant, self.eplb_every)
+        if self.ep == 1 and (self.ep_redundant or self.eplb_every or self.ep_overlap):
+            raise NanoseekError("--ep-redundant, --eplb-every and --ep-overlap apply to expert parallelism: add --ep N")
+
+
+class Plan:
+    """The parallel form of one model on this rank: its mesh, EP and PP parts, the module to run forwards through
+    (`wrapped`; None under PP, whose schedule runs them), and the layout's per-step jobs."""
+
+    def __init__(self, model, d: Dist, layout: Layout):
+        self.model, self.d, self.layout = model, d, layout
+        self.mesh = self.ep = self.pp = None
+        self.wrapped = model
+        # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
+        self.data_world = d.world // layout.pp
+        self.data_rank = d.rank % self.data_world  # pp outermost
+
+    # ---- the optimizer's parameters ----
+    def param_groups(self, groups_of) -> tuple[list[dict], list[list[str]] | None]:
+        """groups_of(keep_empty) -> AdamW's groups of the whole model (names beside params); this rank's share of
+        them, and under PP every group's names (the checkpoint's grouping, whatever stages this rank holds)."""
+        if self.pp is None:
+            return groups_of(False), None
+        mine = {id(p) for p in self.pp.parameters()}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) in mine],
+                   "names": [n for n, p in zip(g["names"], g["params"]) if id(p) in mine]}
+                  for g in groups_of(True)]
+        if self.pp.embed_copy is not None:  # the last stage's tied copy, under the embedding's name
+            no_decay = next(g for g in groups if g["weight_decay"] == 0.0)
+            no_decay["params"].append(self.pp.embed_copy.weight)
+            no_decay["names"].append("embed_tokens.weight")
+        return groups, [g["names"] for g in groups_of(True)]
+
+    # ---- the step ----
+    def clip_grads(self, opt: torch.optim.Optimizer, clip: float) -> torch.Tensor:
+        """Gradients to the data-parallel mean where the wrap did not (EP's shards), then the whole model's gradient
+        norm (a device tensor), and the gradients clipped to `clip` (0: not clipped)."""
+        if self.ep is None and self.pp is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        if self.ep is not None:
+            self.ep.reduce_grads(self.model)
+        norm = self.pp.grad_norm(self.ep) if self.pp is not None else self.ep.grad_norm_sq(self.model).sqrt()
+        coef = clip / (norm.item() + 1e-6)
+        if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        return norm
+
+    def vote(self, losses: dict, grad_norm: torch.Tensor, loads: list[torch.Tensor]):
+        """The step's collectives after the gradient norm, all on the training device (nccl has no CPU backend):
+        -> this rank's losses averaged over the ranks [n] and 1 where any rank saw a non-finite loss or gradient [1];
+        the MoE layers' expert loads summed over the ranks, in place."""
+        device = self.d.device
+        vals = torch.stack([losses[k].detach().float().reshape(()) for k in losses]).to(device) if losses \
+            else torch.zeros(0, device=device)
+        bad = (~torch.isfinite(vals).all() | ~torch.isfinite(grad_norm)).float().reshape(1)
+        all_reduce(bad, dist.ReduceOp.MAX)
+        all_reduce(vals)
+        vals /= self.data_world  # under PP only the ranks holding a last stage have losses (the others add zeros)
+        for load in loads:
+            all_reduce(load)
+        if self.ep is not None and loads:
+            self.ep.observe(loads)
+        return vals, bad
+
+    def rebalance(self, opt: torch.optim.Optimizer, step: int) -> dict:
+        """EPLB every --eplb-every steps: the experts re-placed from the load since the last placement."""
+        if self.ep is None or not self.ep.every or step % self.ep.every:
+            return {}
+        before_after = self.ep.rebalance(opt)
+        return {"eplb_rank_load_max_over_mean": [round(v, 3) for v in before_after]} if before_after else {}
+
+    # ---- the whole state ----
+    def gather(self, opt: torch.optim.Optimizer, all_names) -> dict:
+        """The whole model and optimizer state in the published layout (collective under FSDP, EP and PP)."""
+        full = gather_full(self.model, opt, self.ep)
+        if self.pp is not None:
+            full["model"] = self.pp.full_state(full["model"])
+            full["optimizer"] = self.pp.full_optimizer(full["optimizer"])
+            for g, names in zip(full["groups"], all_names):
+                g["names"] = names
+        return full
+
+    def sync_stages(self) -> None:
+        """Under PP: every rank's model gets the weights of the stages it does not hold (evaluation and sampling
+        run the whole model on one rank)."""
+        if self.pp is not None:
+            with torch.no_grad():
+                self.model.load_state_dict(self.pp.full_state(self.model.state_dict()))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().to("cpu").contiguous()
+
+
+def gather_full(model, opt, ep=None) -> dict:
+    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters. Under EP the
+    expert shards are gathered into whole [E, ...] tensors (the published layout whatever the EP degree)."""
+    sharded = set(ep.names) if ep is not None else set()
+    tensors, groups = {}, []
+    for g in opt.param_groups:
+        groups.append({k: v for k, v in g.items() if k != "params"})
+        for name, p in zip(g["names"], g["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                v = ep.full(name, v) if name in sharded and v.dim() > 0 else v
+                tensors[f"{name}::{k}"] = _full(v)
+    sd = {k: _full(ep.full(k, v) if k in sharded else v) for k, v in model.state_dict().items()}
+    return {"model": sd, "optimizer": tensors, "groups": groups}
+
+
+def parallelize(model, d: Dist, layout: Layout) -> Plan:
+    """Apply the layout to `model` on this rank, in the module's order; call before the optimizer is built."""
+    layout.check(d.world)
+    plan = Plan(model, d, layout)
+    if d.enabled and (layout.pp > 1 or layout.ep > 1):  # one mesh for EP and PP, ep innermost
+        plan.mesh = build_mesh(d.world, d.device, layout.pp, layout.ep)
+    if layout.ep > 1:
+        plan.ep = EP(layout.ep, d.world, d.rank, d.device, layout.ep_redundant, layout.eplb_every,
+                     model.args.n_group or 1, layout.pp, layout.ep_overlap, plan.mesh)
+        plan.ep.shard(model)
+    if layout.fp8:
+        fp8.convert(model, pow2=layout.fp8_pow2)
+    activation_checkpoint.apply(model, layout.ac)
+    if layout.pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (the pipeline reduces over dp itself)
+        plan.pp = Pipeline(model, layout.pp, layout.pp_schedule, layout.pp_microbatches, d.world, d.rank, d.device,
+                           model.args.mtp_loss_weight, plan.mesh)
+        plan.wrapped = None
+    else:
+        plan.wrapped = wrap(model, d, layout.parallel, ignored=plan.ep.names if plan.ep else ())
+    return plan
