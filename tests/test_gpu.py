@@ -1,7 +1,7 @@
 """The CUDA paths (marker `gpu`; skipped without a GPU; runs/gpu_check.sh runs them on one): a bf16 training step of
 the `small` preset against fp32, the grouped expert GEMM against the reference loop, the engine (greedy = full
-forwards, the compiled decode step, no host sync inside it, so it can be captured as a CUDA graph), nccl with one
-rank. The FP8 kernels' check is tests/test_fp8.py::test_gpu_kernels_match_the_emulation."""
+forwards, the compiled decode step, no host sync inside it, so it can be captured as a CUDA graph), the trainer's
+process group (cuda:nccl,cpu:gloo) with one rank, activation checkpointing under bf16. The FP8 kernels' check is tests/test_fp8.py::test_gpu_kernels_match_the_emulation."""
 
 import os
 import socket
@@ -85,15 +85,50 @@ def test_engine_on_cuda_greedy_compiled_and_sync_free():
 
 
 def test_nccl_with_one_rank():
+    """The trainer's process group on GPUs (cuda:nccl,cpu:gloo): CUDA tensors through nccl, and a CPU tensor through
+    gloo rather than the "No backend type associated with device type cpu" of nccl alone."""
     import torch.distributed as dist
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
+    dist.init_process_group("cuda:nccl,cpu:gloo", rank=0, world_size=1, device_id=torch.device("cuda:0"))
     try:
         t = torch.ones(4, device="cuda")
         dist.all_reduce(t)
         assert t.tolist() == [1.0] * 4
+        c = torch.ones(2)
+        dist.all_reduce(c)
+        assert c.tolist() == [1.0] * 2
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_on_cuda_under_bf16(mode):
+    """--ac on CUDA under bf16 autocast (the trainer's mode there): the same loss and gradients as without, the
+    router's counts once, and less peak memory (the `small` preset, 2 x 1024 tokens)."""
+    import copy
+    from nanoseek.parallel import activation_checkpoint as ac
+    torch.manual_seed(0)
+    base = build_model(get_preset("small"), device="cuda").train()
+    x = torch.randint(3, base.args.vocab_size, (2, 1025), device="cuda")
+    got = {}
+    for m in ("none", mode):
+        model = copy.deepcopy(base)
+        ac.apply(model, m)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x[:, :-1], labels=x[:, 1:])
+        out.loss.backward()
+        torch.cuda.synchronize()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        got[m] = (out.loss.item(), grads, [l.tokens_per_expert.clone() for l in model.moe_layers()],
+                  torch.cuda.max_memory_allocated() - before)
+        del model
+    (la, ga, ca, pa), (lb, gb, cb, pb) = got["none"], got[mode]
+    assert abs(la - lb) <= 1e-3 * la and (ga - gb).norm() <= 1e-2 * ga.norm()
+    assert all(torch.equal(a, b) for a, b in zip(ca, cb))
+    assert pb < pa, (pa, pb)
