@@ -68,6 +68,7 @@ class EPExperts(Experts):
 
     def set_placement(self, phy2log, log2phy, logcnt) -> None:
         dev = self.gate_up_proj.device
+        self.placement_cpu = tuple(v.cpu() for v in (phy2log, log2phy, logcnt))  # (kept through materialize)
         for k, v in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
             self.register_buffer(k, v.to(dev), persistent=False)
 

@@ -55,6 +55,32 @@ def stage_ranks(schedule: str, pp: int) -> list[int]:
     return list(range(pp)) + list(reversed(range(pp)))  # the V
 
 
+def stage_bounds(L: int, S: int) -> list[int]:
+    """The layers of S stages of near equal size: stage s holds layers [bounds[s], bounds[s + 1])."""
+    return [round(i * L / S) for i in range(S + 1)]
+
+
+def held_by(model, schedule: str, pp: int, pp_rank: int):
+    """name -> whether the pp rank's stages hold that parameter (its layers; the embedding on the first stage and on
+    the last, whose tied copy and MTP module use it; the final norm, head and MTP module on the last)."""
+    owner = stage_ranks(schedule, pp)
+    S = len(owner)
+    bounds = stage_bounds(len(model.layers), S)
+    mine = [s for s in range(S) if owner[s] == pp_rank]
+    layers = {i for s in mine for i in range(bounds[s], bounds[s + 1])}
+    first, last = 0 in mine, S - 1 in mine
+
+    def held(name: str) -> bool:
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in layers
+        if name.startswith("embed_tokens."):
+            return first or last
+        if name.startswith(("norm.", "lm_head.", "mtp.")):
+            return last
+        return True
+    return held
+
+
 class Stage(nn.Module):
     """Layers [lo, hi) of the model; the first stage embeds, the last ends with norm, head and MTP, returning
     the loss-bearing tensors. Its inputs: (input_ids,) on the first stage, else (x, input_ids)."""
@@ -133,7 +159,7 @@ class Pipeline:
         self.pp, self.dp = pp, world // pp
         self.pp_rank, self.dp_rank = rank // self.dp, rank % self.dp  # pp outermost: rank = pp_rank * dp + dp_rank
         self.mtp_weight, self.microbatches, self.model, self.device = mtp_weight, microbatches, model, device
-        bounds = [round(i * L / S) for i in range(S + 1)]
+        bounds = stage_bounds(L, S)
         self.layer_owner = {i: owner[s] for s in range(S) for i in range(bounds[s], bounds[s + 1])}
         self.last_owner = owner[S - 1]
         mine = [s for s in range(S) if owner[s] == self.pp_rank]
@@ -264,8 +290,8 @@ class Pipeline:
     def full_state(self, sd: dict) -> dict:
         """The model's state dict with every tensor as its owning stage holds it (broadcast within the pp group)."""
         out = {}
-        for name, t in sd.items():
-            t = t.detach().clone()
+        for name, t in sd.items():  # (what this rank does not hold is a buffer to receive into)
+            t = torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t.detach().clone()
             src = self.owner(name)
             if src != self.pp_rank or name.startswith(("layers.", "embed_tokens.", "norm.", "lm_head.", "mtp.")):
                 dist.broadcast(t, group_src=src, group=self.pp_group)

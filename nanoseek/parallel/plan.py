@@ -8,7 +8,9 @@ The order, from the inside out (each wraps what the one before left):
     1. EP          the routed experts sharded over the mesh's ep dimension (expert_parallel.EP.shard)
     2. FP8         the chosen linears and experts swapped for FP8 classes (EP's shard included: FP8 x EP)
     3. AC          every decoder block's forward under torch.utils.checkpoint (activation_checkpoint.apply)
-    4. PP | DP     the stages this rank holds (pipeline.Pipeline), or DDP / FSDP2 over the data-parallel ranks
+    4. PP | DP     the stages this rank holds (pipeline.Pipeline), or DDP / FSDP2 over the data-parallel ranks;
+                   a model built on the meta device is materialised before PP / DDP and after FSDP2's sharding,
+                   only this rank's part (materialize.py), to the one-process initial weights
     (5. compile    the trainer's, on CUDA)
 
 What composes with what (anything not refused here is tested equal to one process, bench/RESULTS.md):
@@ -23,14 +25,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.parallel import activation_checkpoint
 from nanoseek.parallel.data_parallel import wrap
 from nanoseek.parallel.distributed import Dist, all_reduce, build_mesh
-from nanoseek.parallel.expert_parallel import EP
-from nanoseek.parallel.pipeline import Pipeline
+from nanoseek.parallel.expert_parallel import EP, local_slice
+from nanoseek.parallel.materialize import materialize, on_meta
+from nanoseek.parallel.pipeline import Pipeline, held_by
 
 
 @dataclass
@@ -152,16 +157,53 @@ class Plan:
                 g["names"] = names
         return full
 
+    @torch.no_grad()
+    def load_model_state(self, sd: dict) -> None:
+        """A whole state dict (the published names, whole tensors: a checkpoint's) into this rank's part: an expert
+        shard takes its slots, an FSDP2 shard its rows, the rest the tensor."""
+        own = self.model.state_dict(keep_vars=True)
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise NanoseekError(f"the checkpoint lacks {missing[0]}")
+        for name, t in own.items():
+            if t.is_meta:  # a stage this rank does not hold
+                continue
+            v = sd[name].to(self.d.device)
+            if getattr(t, "ep_module", None) is not None:
+                v = local_slice(v, t)
+            if isinstance(t, DTensor):
+                v = distribute_tensor(v.to(t.dtype), t.device_mesh, t.placements)
+                t.to_local().copy_(v.to_local())
+            else:
+                t.copy_(v)
+
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (evaluation and sampling
-        run the whole model on one rank)."""
+        run the whole model on one rank), until release_stages; the whole model is on each rank meanwhile."""
         if self.pp is not None:
             with torch.no_grad():
-                self.model.load_state_dict(self.pp.full_state(self.model.state_dict()))
+                full = self.pp.full_state(self.model.state_dict())
+                self._released = [n for n, t in self.model.state_dict().items() if t.is_meta]
+                for name in self._released:  # (what it holds is what the optimizer steps: left as it is)
+                    self._set(name, full[name].to(self.d.device))
+
+    def release_stages(self) -> None:
+        """After sync_stages: what this rank does not hold back to the meta device (its memory freed)."""
+        for name in getattr(self, "_released", []):
+            self._set(name, torch.empty_like(self.model.get_parameter(name), device="meta"))
+        self._released = []
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        path, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(path)
+        module._parameters[leaf] = nn.Parameter(value, module._parameters[leaf].requires_grad)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together."""
+    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together; a tensor
+    on meta (a pipeline stage held elsewhere) comes back as an empty one of its shape (the pipeline fills it)."""
+    if t.is_meta:
+        return torch.empty(t.shape, dtype=t.dtype)
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
     return t.detach().to("cpu").contiguous()
 
@@ -181,10 +223,13 @@ def gather_full(model, opt, ep=None) -> dict:
     return {"model": sd, "optimizer": tensors, "groups": groups}
 
 
-def parallelize(model, d: Dist, layout: Layout) -> Plan:
-    """Apply the layout to `model` on this rank, in the module's order; call before the optimizer is built."""
+def parallelize(model, d: Dist, layout: Layout, init: bool = True) -> Plan:
+    """Apply the layout to `model` on this rank, in the module's order; call before the optimizer is built. A model
+    on the meta device (build_model(..., device="meta")) is materialised here, only this rank's part of it, with the
+    one-process initial weights (init; without, a resumed run's: Plan.load_model_state)."""
     layout.check(d.world)
     plan = Plan(model, d, layout)
+    meta = on_meta(model)
     if d.enabled and (layout.pp > 1 or layout.ep > 1):  # one mesh for EP and PP, ep innermost
         plan.mesh = build_mesh(d.world, d.device, layout.pp, layout.ep)
     if layout.ep > 1:
@@ -194,10 +239,16 @@ def parallelize(model, d: Dist, layout: Layout) -> Plan:
     if layout.fp8:
         fp8.convert(model, pow2=layout.fp8_pow2)
     activation_checkpoint.apply(model, layout.ac)
+    if meta and layout.pp > 1:  # only the stages this rank holds
+        materialize(model, d.device, init, held_by(model, layout.pp_schedule, layout.pp, d.rank // plan.data_world))
+    elif meta and not (layout.parallel == "fsdp" and d.enabled):
+        materialize(model, d.device, init)  # (FSDP2 shards first, then materialises only its shards: below)
     if layout.pp > 1:  # the stages this rank holds; no DDP/FSDP wrap (the pipeline reduces over dp itself)
         plan.pp = Pipeline(model, layout.pp, layout.pp_schedule, layout.pp_microbatches, d.world, d.rank, d.device,
                            model.args.mtp_loss_weight, plan.mesh)
         plan.wrapped = None
     else:
         plan.wrapped = wrap(model, d, layout.parallel, ignored=plan.ep.names if plan.ep else ())
+        if meta and on_meta(model):
+            materialize(model, d.device, init)
     return plan

@@ -158,19 +158,23 @@ def read_training_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return state, tensors
 
 
-def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict, tuple | None]:
+def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict, tuple | None, dict | None]:
     """Load the newest complete checkpoint of a run into `model` and restore the RNG -> (its path, step, loop state,
-    (optimizer tensors, groups) for load_optimizer_tensors); (None, 0, {}, None) when there is none."""
+    (optimizer tensors, groups) for load_optimizer_tensors, None); (None, 0, {}, None, None) when there is none. A
+    model still on the meta device (materialised by parallelize, rank by rank) is not loaded: its state dict comes
+    back last, for Plan.load_model_state."""
     found = list_checkpoints(run_dir)
     if not found:
-        return None, 0, {}, None
+        return None, 0, {}, None, None
     ck = found[-1]
     sd = load_state_dict(ck, model.args, {k: v.shape for k, v in model.state_dict().items()})
-    model.load_state_dict({k: v.to(device) for k, v in sd.items()})
+    later = any(p.is_meta for p in model.parameters())
+    if not later:
+        model.load_state_dict({k: v.to(device) for k, v in sd.items()})
     state, tensors = read_training_checkpoint(ck)
     opt_state = (tensors, state.pop("optimizer_groups"))
     set_rng_state(state["rng"])
-    return ck, state["step"], state, opt_state
+    return ck, state["step"], state, opt_state, sd if later else None
 
 
 def autocast_for(device: torch.device):

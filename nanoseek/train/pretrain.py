@@ -190,7 +190,7 @@ def main(args) -> dict:
     tok, meta, train, evals, problems = data or load_data(run, args, margs)
 
     torch.manual_seed(args.seed)
-    model = build_model(margs, device=d.device)
+    model = build_model(margs, device="meta")  # each rank materialises its own part in run.start (parallelize)
     state = run.resume(model)
     if state:
         train.load_state_dict(state["loader"])
@@ -300,4 +300,5 @@ def eval_and_sample(run: Run, evals: dict, tok, problems: list[dict]) -> dict:
         run.write(f"step {run.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         for r in rows[:2]:
             run.write(f"  {r['question'][:60]!r} -> {r['completion'][:80]!r}")
+    run.release_stages()  # under PP the stages this rank does not hold are freed again
     return {"step": run.step, **ev}

@@ -82,6 +82,15 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
                         "(extra: nanoseek[wandb])")
 
 
+def rss_gib() -> tuple[float, float]:
+    """This process's resident memory now and its peak so far (VmRSS, VmHWM), GiB (0s where /proc is missing)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return tuple(int(fields[k].split()[0]) / 2 ** 20 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return 0.0, 0.0
+
+
 def check_positive(args, names) -> None:
     for name in names:
         if getattr(args, name) < 1:
@@ -182,10 +191,11 @@ class Run:
         self.data_rank = self.d.rank % self.data_world
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
-        self.resuming, self.resumed, self._opt_state = False, False, None
+        self.resuming, self.resumed, self._opt_state, self._model_state = False, False, None, None
         self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
         self.autocast = autocast_for(self.d.device)
         self.tracker_libs = Trackers.require(args)  # before anything is written
+        self.memory = {"rss_before_model_gib": rss_gib()[0]}  # this process's memory, for the ledger
 
     @property
     def main(self) -> bool:
@@ -212,7 +222,7 @@ class Run:
         the trainer's loop state, {} when starting fresh."""
         if not self.resuming:
             return {}
-        ck, self.step, state, self._opt_state = resume_latest(self.out, model, self.d.device)
+        ck, self.step, state, self._opt_state, self._model_state = resume_latest(self.out, model, self.d.device)
         if ck is None:
             self.print(f"no complete checkpoint in {self.out}: starting from scratch")
             return {}
@@ -227,7 +237,12 @@ class Run:
         """Parallelize the model for the ranks (the run's Layout: parallel.parallelize), build AdamW over its trainable parameters (its resumed state loaded), open
         the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
-        self.plan = parallelize(model, self.d, self.layout)  # EP, FP8, AC, then PP or DDP/FSDP2, in that order
+        # EP, FP8, AC, then PP or DDP/FSDP2, in that order; a meta-device model materialised rank by rank
+        self.plan = parallelize(model, self.d, self.layout, init=self._model_state is None)
+        if self._model_state is not None:  # a resumed run's weights, into this rank's part
+            self.plan.load_model_state(self._model_state)
+            self._model_state = None
+        self.memory["peak_rss_after_build_gib"] = rss_gib()[1]  # the model built (and loaded), before any step
         groups, self._all_names = self.plan.param_groups(lambda keep: param_groups(model, weight_decay, keep))
         if getattr(self.args, "bf16_moments", False):
             self.opt = AdamWBF16Moments(groups, lr=lr, betas=betas, eps=1e-8)
@@ -330,12 +345,18 @@ class Run:
 
     def gather(self) -> dict:
         """The whole model and optimizer state (collective under FSDP, EP and PP)."""
+        # the memory the training held, before the first gather (which holds the whole state on each rank)
+        self.memory.setdefault("peak_rss_before_gather_gib", rss_gib()[1])
         return self.plan.gather(self.opt, self._all_names)
 
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (for evaluation and
         sampling through the whole model on one rank)."""
         self.plan.sync_stages()
+
+    def release_stages(self) -> None:
+        """After an evaluation under PP: the stages this rank does not hold freed again."""
+        self.plan.release_stages()
 
     def ledger(self, wall: float | None = None) -> dict:
         """ledger.json: what the stage cost. The trainer's `cost()` gives its own fields (tokens, FLOPs, ...)."""
@@ -345,7 +366,10 @@ class Run:
         row = {"stage": self.stage, "steps": self.step, "skipped_steps": self.skipped, "wall_seconds": wall,
                "device": device, "device_count": self.d.world, "device_hours": hours,
                "gpu_hours": hours if self.d.device.type == "cuda" else 0.0,
-               "usd_per_device_hour": self.args.usd_per_hour, "usd": hours * self.args.usd_per_hour, **self.cost(wall)}
+               "usd_per_device_hour": self.args.usd_per_hour, "usd": hours * self.args.usd_per_hour, **self.cost(wall),
+               "memory": {**self.memory, "rss_gib": rss_gib()[0], "peak_rss_gib": rss_gib()[1],
+                          **({"peak_cuda_gib": torch.cuda.max_memory_allocated(self.d.device) / 2 ** 30}
+                             if self.d.device.type == "cuda" else {})}}
         if self.main:
             atomic_write(self.out / "ledger.json", json.dumps(row, indent=1) + "\n")
         return row
