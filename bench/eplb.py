@@ -10,7 +10,7 @@ A hook on each main-model MoE layer's gate counts the tokens routed to each expe
 for each EP set-up (GPUs, nodes, redundant slots, policy), it prints max/mean of the load per GPU (1.0 is perfect;
 an MoE layer under EP runs as slowly as its busiest GPU), per layer and averaged over layers:
   before: plain EP, no redundant slots, expert e on GPU e // (E/G);
-  after:  nanoseek.parallel.eplb.rebalance_experts on the measured counts (hierarchical policy: the model's `n_group` groups
+  after:  parallel.eplb.rebalance_experts on the measured counts (hierarchical policy: the model's `n_group` groups
           packed onto nodes; global: groups ignored; on one node the two coincide, so one row).
 The placement is evaluated on the very counts it was chosen from (the best case: real serving predicts the load).
 With more than one node it also prints the mean number of nodes that serve a token's routed experts (what the

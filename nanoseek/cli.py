@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="initialisation seed")
     sp.set_defaults(fn=cmd_init)
 
-    sp = sub.add_parser("generate", help="sample a continuation by plain full forwards, no KV cache: the reference the engine "
-                                         "(chat, serve) is tested against")
+    sp = sub.add_parser("generate", help="sample a continuation by plain full forwards, no KV cache: the "
+                                         "reference the engine (chat, serve) is tested against")
     sp.add_argument("--checkpoint", required=True, help="checkpoint directory (with tokenizer files)")
     sp.add_argument("--prompt", required=True, help="text to continue")
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the R1 chat template")

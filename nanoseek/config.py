@@ -283,7 +283,7 @@ _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 40
             "mscale": 1.0, "mscale_all_dim": 1.0}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(  # 2.66M parameters (3.17M with MTP): still MoE (group-limited sigmoid routing) + MLA (q and kv compressed) + MTP
+    "tiny": dict(  # 2.66M parameters (3.17M with MTP): still MoE (group-limited sigmoid routing), MLA, MTP
         vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
         num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=16,

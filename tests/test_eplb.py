@@ -1,4 +1,4 @@
-"""EPLB (nanoseek/parallel/eplb.py): the three maps agree with each other and place every expert, each GPU gets its share of
+"""EPLB (parallel/eplb.py): the three maps agree with each other and place every expert, each GPU gets its share of
 slots; placements match hand-worked examples (hierarchical and global) and the replication is optimal against a brute
 force; on Zipf-skewed loads the busiest GPU gets lighter than under plain contiguous EP; the hierarchical policy keeps
 expert groups whole on nodes; the result is deterministic; bad layouts raise a clear ValueError; the EP helpers (a

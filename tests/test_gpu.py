@@ -1,7 +1,8 @@
 """The CUDA paths (marker `gpu`; skipped without a GPU; runs/gpu_check.sh runs them on one): a bf16 training step of
 the `small` preset against fp32, the grouped expert GEMM against the reference loop, the engine (greedy = full
 forwards, the compiled decode step, no host sync inside it, so it can be captured as a CUDA graph), the trainer's
-process group (cuda:nccl,cpu:gloo) with one rank, activation checkpointing under bf16. The FP8 kernels' check is tests/test_fp8.py::test_gpu_kernels_match_the_emulation."""
+process group (cuda:nccl,cpu:gloo) with one rank, activation checkpointing under bf16. The FP8 kernels' check is
+tests/test_fp8.py::test_gpu_kernels_match_the_emulation."""
 
 import os
 import socket

@@ -234,8 +234,9 @@ class Run:
     # ---- the loop ----
     def start(self, model, max_steps: int, lr: float, weight_decay: float, betas=(0.9, 0.95),
               logs=("metrics.jsonl", "eval.jsonl")):
-        """Parallelize the model for the ranks (the run's Layout: parallel.parallelize), build AdamW over its trainable parameters (its resumed state loaded), open
-        the metric files, trackers and progress. Returns the wrapped model to run forwards through."""
+        """Parallelize the model for the ranks (the run's Layout: parallel.parallelize), build AdamW over its
+        trainable parameters (its resumed state loaded), open the metric files, trackers and progress. Returns the
+        wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
         # EP, FP8, AC, then PP or DDP/FSDP2, in that order; a meta-device model materialised rank by rank
         self.plan = parallelize(model, self.d, self.layout, init=self._model_state is None)
