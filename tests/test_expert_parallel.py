@@ -156,10 +156,11 @@ def test_fp8_with_ep_equals_fp8_in_one_process(data, tmp_path):
 
 def test_fsdp2_with_ep_halves_each_ranks_memory(data, tmp_path):
     """Each rank materialises only its part (the model built on meta, FSDP2's shards and EP's experts allocated on
-    their own rank): while it trains, a 2-rank FSDP2 + EP run holds about half the model, gradients and AdamW state
-    that one process holds, and building does not set its memory's high-water mark: the peak after the model is built
-    (and loaded) stays below what the rank holds once it trains. ~40M parameters, mostly routed experts. (The final
-    save still gathers the whole state on every rank: its peak is printed, not held to half.)"""
+    their own rank): while it trains, a 2-rank FSDP2 + EP run holds about half the weights, gradients and AdamW state
+    that one process holds (its tensors, and less than one process's resident memory), and building does not set its
+    memory's high-water mark: the peak after the model is built (and loaded) stays below what the rank holds once it
+    trains. ~40M parameters, mostly routed experts. (The final save still gathers the whole state on every rank: its
+    peak is printed, not held to half.)"""
     cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=512, num_hidden_layers=3,
                num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
                kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1,
@@ -171,12 +172,15 @@ def test_fsdp2_with_ep_halves_each_ranks_memory(data, tmp_path):
     assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     torchrun(*common, "--out", str(tmp_path / "sharded"), "--batch-size", "2", "--parallel", "fsdp", "--ep", "2")
     mem = {r: json.loads((tmp_path / r / "ledger.json").read_text())["memory"] for r in ("one", "sharded")}
+    state = {r: m["state_gib"] for r, m in mem.items()}  # weights + gradients + AdamW state, this rank's tensors
     held = {r: m["peak_rss_before_gather_gib"] - m["rss_before_model_gib"] for r, m in mem.items()}
     built = mem["sharded"]["peak_rss_after_build_gib"] - mem["sharded"]["rss_before_model_gib"]
-    print(f"memory above the process before the model, GiB, peak while training: one process {held['one']:.3f}, "
-          f"FSDP2 + EP 2 rank 0 {held['sharded']:.3f} ({held['sharded'] / held['one']:.2f}x); the sharded rank's "
-          f"peak after building {built:.3f}; peak with the final save: one process "
-          f"{mem['one']['peak_rss_gib'] - mem['one']['rss_before_model_gib']:.3f}, sharded "
+    print(f"weights + gradients + AdamW state, GiB: one process {state['one']:.3f}, FSDP2 + EP 2 rank 0 "
+          f"{state['sharded']:.3f} ({state['sharded'] / state['one']:.2f}x); resident memory above the process before "
+          f"the model, peak while training: {held['one']:.3f} / {held['sharded']:.3f} "
+          f"({held['sharded'] / held['one']:.2f}x); the sharded rank's peak after building {built:.3f}; with the "
+          f"final save {mem['one']['peak_rss_gib'] - mem['one']['rss_before_model_gib']:.3f} / "
           f"{mem['sharded']['peak_rss_gib'] - mem['sharded']['rss_before_model_gib']:.3f}")
-    assert held["sharded"] <= 0.6 * held["one"]
+    assert state["sharded"] <= 0.55 * state["one"]  # the tensors: deterministic
+    assert held["sharded"] <= 0.8 * held["one"]  # the process (allocator and runtime noise: 0.56-0.67x measured)
     assert built < held["sharded"]

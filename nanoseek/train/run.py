@@ -348,7 +348,20 @@ class Run:
         """The whole model and optimizer state (collective under FSDP, EP and PP)."""
         # the memory the training held, before the first gather (which holds the whole state on each rank)
         self.memory.setdefault("peak_rss_before_gather_gib", rss_gib()[1])
+        self.memory.setdefault("state_gib", self.state_bytes() / 2 ** 30)
         return self.plan.gather(self.opt, self._all_names)
+
+    def state_bytes(self) -> int:
+        """The bytes this rank holds of the weights, their gradients and AdamW's state (each storage once; an FSDP2 or
+        EP shard by its local part; a pipeline stage held elsewhere not at all)."""
+        seen = {}
+        tensors = [t for p in self.model.parameters() for t in (p, p.grad) if t is not None]
+        tensors += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        for t in tensors:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            if not t.is_meta:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
 
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (for evaluation and
