@@ -4,6 +4,7 @@ tied embedding included), gradient norms, the router's loads (no shape-inference
 written in the published layout."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,35 @@ def test_pp_with_ep_and_dp_equals_one_process(runs):
             1e-3 * x["grad_norm"], (x, y)
     wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (root / "one", out))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3  # a third of one Adam step at lr 3e-3
+
+
+def test_pp_with_redundant_experts_placed_by_eplb_equals_one_process(runs):
+    """PP 2 x DP 2 with EP 2, 2 redundant expert slots re-placed by EPLB every 2 steps: each rank holds only its
+    stages (the other stages' expert placement maps still on the training device, for EPLB and the evaluation that
+    brings those stages in), and the run is still the one-process run."""
+    root, common = runs
+    out = root / "pp_ep_eplb"
+    torchrun(*common[:-1], "2", "--out", str(out), "--pp", "2", "--pp-microbatches", "2", "--ep", "2",
+             "--ep-redundant", "2", "--eplb-every", "2", nproc=4)
+    a, b = metrics(root / "one"), metrics(out)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (x, y)
+
+
+def test_pp_resume_is_the_same_run(runs):
+    """Saved under PP 2 (1f1b) at step 3, killed, resumed: the same run as without the stop. Each rank materialises
+    its stages without drawing, then loads them, and the last stage's tied copy of the embedding with them."""
+    root, common = runs
+    args = [*common, "--pp", "2", "--pp-schedule", "1f1b", "--pp-microbatches", "4", "--save-every", "3"]
+    torchrun(*args, "--out", str(root / "pp_straight"))
+    cut = root / "pp_cut"
+    shutil.copytree(root / "pp_straight", cut)
+    for later in ("checkpoints/step_000006", "model", "ledger.json"):
+        p = cut / later
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    torchrun(*args, "--out", str(cut), "--resume", "auto")
+    a, b = metrics(root / "pp_straight"), metrics(cut)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert x["loss"] == y["loss"] and x["mtp_loss"] == y["mtp_loss"], (x, y)

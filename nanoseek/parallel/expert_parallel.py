@@ -66,8 +66,11 @@ class EPExperts(Experts):
     redundant = 0
     overlap = False  # two micro-batches with asynchronous all-to-alls (--ep-overlap)
 
-    def set_placement(self, phy2log, log2phy, logcnt) -> None:
-        dev = self.gate_up_proj.device
+    def set_placement(self, phy2log, log2phy, logcnt, device=None) -> None:
+        """The maps, on `device` (once given, kept: a pipeline stage held elsewhere has its weights on meta, its maps
+        on the training device)."""
+        self.placement_device = device or getattr(self, "placement_device", None) or self.gate_up_proj.device
+        dev = self.placement_device
         self.placement_cpu = tuple(v.cpu() for v in (phy2log, log2phy, logcnt))  # (kept through materialize)
         for k, v in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
             self.register_buffer(k, v.to(dev), persistent=False)

@@ -93,7 +93,7 @@ def materialize(model: nn.Module, device: torch.device, init: bool = True, held=
             p.ep_module = tags[name]
     for m in model.modules():
         if hasattr(m, "placement_cpu"):  # EP's maps, made on the CPU when the experts were sharded on meta
-            m.set_placement(*m.placement_cpu)
+            m.set_placement(*m.placement_cpu, device=device)
         if isinstance(m, MoE):
             m.tokens_per_expert.zero_()
             if m.gate.e_score_correction_bias is not None:

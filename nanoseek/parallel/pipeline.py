@@ -291,7 +291,8 @@ class Pipeline:
         """The model's state dict with every tensor as its owning stage holds it (broadcast within the pp group)."""
         out = {}
         for name, t in sd.items():  # (what this rank does not hold is a buffer to receive into)
-            t = torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t.detach().clone()
+            # (on the training device: the owner sends from there, and nccl and gloo cannot meet in one broadcast)
+            t = torch.empty(t.shape, dtype=t.dtype, device=self.device) if t.is_meta else t.detach().clone()
             src = self.owner(name)
             if src != self.pp_rank or name.startswith(("layers.", "embed_tokens.", "norm.", "lm_head.", "mtp.")):
                 dist.broadcast(t, group_src=src, group=self.pp_group)

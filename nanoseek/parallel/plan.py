@@ -176,6 +176,8 @@ class Plan:
                 t.to_local().copy_(v.to_local())
             else:
                 t.copy_(v)
+        if self.pp is not None and self.pp.embed_copy is not None:  # the last stage's tied copy, made before loading
+            self.pp.embed_copy.weight.copy_(self.model.embed_tokens.weight)
 
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (evaluation and sampling
