@@ -160,9 +160,10 @@ def cmd_data(args):
 def _distributed(main):
     """Run a trainer's main; the process group (under torchrun) is destroyed however it ends."""
     def run(args):
-        from nanoseek.parallel import shutdown
+        from nanoseek.parallel import barrier, shutdown
         try:
             main(args)
+            barrier()  # every rank done with its collectives before any tears its groups down
         finally:
             shutdown()
     return run

@@ -19,8 +19,14 @@ SMALL = ["--seq-len", "64", "--eval-every", "3", "--eval-batches", "2", "--warmu
 
 def torchrun(*args, nproc: int = 2):
     exe = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(exe), "--nproc_per_node", str(nproc), "-m", "nanoseek", *args], capture_output=True,
-                       text=True, timeout=600)
+    cmd = [str(exe), "--nproc_per_node", str(nproc), "-m", "nanoseek", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode and "terminate called without an active exception" in r.stderr:
+        # a rank aborted by C++ (a gloo thread at teardown), seen once in five full runs under pytest-xdist's load and
+        # never alone (dev/LOG.md): run it once more, with --resume auto so the directory it wrote is taken up;
+        # a real failure fails again
+        r = subprocess.run(cmd + ([] if "--resume" in args else ["--resume", "auto"]), capture_output=True,
+                           text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
