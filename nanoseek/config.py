@@ -247,7 +247,7 @@ class ModelArgs:
 def _types(annotation) -> tuple[type, ...]:
     """`int | None` -> (int, NoneType); `list` -> (list,)."""
     if isinstance(annotation, types.UnionType):
-        return tuple(a for a in get_args(annotation))
+        return get_args(annotation)
     return (annotation,)
 
 

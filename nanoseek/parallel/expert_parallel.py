@@ -1,7 +1,7 @@
-"""Expert parallelism (DeepSeek-V3 §3.2: 64-way EP), applied from outside the model as the rest of parallel.py is.
+"""Expert parallelism (DeepSeek-V3 §3.2: 64-way EP), applied from outside the model as the rest of parallel/ is.
 
-The world's W ranks form a DeviceMesh (dp_mod_ep, ep) of shape (W/N, N), ep borrowing from data parallelism as in
-torchtitan: every rank still reads its own share of the global batch and holds the whole model but the routed experts,
+The data-parallel ranks of each pipeline stage (all W without PP) form the (dp_mod_ep, ep) dimensions of
+distributed.build_mesh, of shape (W/PP/N, N), ep innermost and borrowing from data parallelism as in torchtitan: every rank still reads its own share of the global batch and holds the whole model but the routed experts,
 of which it holds E/N (rank with ep index j: experts j·E/N ... (j+1)·E/N - 1). Inside an MoE layer each rank
 
     routes its tokens (the gate is replicated) -> sorts the (token, expert) pairs by expert, hence by the rank that
@@ -10,7 +10,7 @@ of which it holds E/N (rank with ep index j: experts j·E/N ... (j+1)·E/N - 1).
 
 `all_to_all_single` (gloo runs it on CPU tensors, nccl on GPUs) is wrapped in an autograd Function whose backward is
 the reverse all-to-all, so expert gradients flow back to the ranks whose tokens produced them. An expert's gradient on
-its rank is then the sum over the N ranks of its EP group; `reduce_expert_grads` sums it over the W/N replicas of the
+its rank is then the sum over the N ranks of its EP group; `EP.reduce_grads` sums it over the W/N replicas of the
 shard and divides by W: exactly the data-parallel mean. (Dividing by the replicas alone, as a DDP or FSDP of the expert
 shard over dp_mod_ep would, gives N times the gradient: pytorch#160285.) The rest of the model is data parallel as
 without EP (DDP ignoring the expert shards, or FSDP2 with them as ignored parameters).
@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanoseek.parallel.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
 from nanoseek.errors import NanoseekError
 from nanoseek.model.moe import Experts
 from nanoseek.parallel.distributed import build_mesh
+from nanoseek.parallel.eplb import balance, contiguous_placement, rebalance_experts, route_to_replicas
 
 
 class AllToAll(torch.autograd.Function):

@@ -58,6 +58,12 @@ class Layout:
         """The trainer's parsed flags; a trainer without a flag (sft has no --pp) gets its default."""
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
 
+    def data_ranks(self, d: Dist) -> tuple[int, int]:
+        """(this rank's index, their number) among the ranks that read distinct data: all of them, or one per
+        pipeline (its stages share a micro-batch); pp is the mesh's outermost dimension."""
+        world = d.world // self.pp
+        return d.rank % world, world
+
     def check(self, world: int) -> None:
         """One line for a layout that cannot be (see the module's table)."""
         if self.fp8_pow2 and not self.fp8:
@@ -84,9 +90,7 @@ class Plan:
         self.model, self.d, self.layout = model, d, layout
         self.mesh = self.ep = self.pp = None
         self.wrapped = model
-        # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
-        self.data_world = d.world // layout.pp
-        self.data_rank = d.rank % self.data_world  # pp outermost
+        self.data_rank, self.data_world = layout.data_ranks(d)
 
     # ---- the optimizer's parameters ----
     def param_groups(self, groups_of) -> tuple[list[dict], list[list[str]] | None]:

@@ -186,9 +186,7 @@ class Run:
         self.layout = Layout.from_args(args)
         self.layout.check(self.d.world)  # one line for a layout that cannot be, before anything is written
         self.plan = None  # parallel.parallelize's, from start() on
-        # the ranks that read distinct data: all of them, or one per pipeline (its stages share a micro-batch)
-        self.data_world = self.d.world // self.layout.pp
-        self.data_rank = self.d.rank % self.data_world
+        self.data_rank, self.data_world = self.layout.data_ranks(self.d)  # the ranks that read distinct data
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.resuming, self.resumed, self._opt_state, self._model_state = False, False, None, None
