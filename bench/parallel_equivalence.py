@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
+from nanoseek.checkpoint import read_published
 
 # name: (ranks, global-batch share per data-parallel rank, flags, the one-process run it is compared with)
 LAYOUTS = {
@@ -50,7 +50,7 @@ def launch(ranks: int, args: list[str]) -> None:
 
 def gaps(a: Path, b: Path) -> dict:
     ma, mb = metrics(a), metrics(b)
-    wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (a, b))
+    wa, wb = (read_published(p / "model") for p in (a, b))
     return {"steps": len(mb),
             "loss": max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(ma, mb)),
             "grad_norm": max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(ma, mb)),

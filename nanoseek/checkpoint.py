@@ -36,31 +36,38 @@ IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")  # older transformers saved th
 
 def to_hf(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
     """nanoseek state dict -> {HF name: tensor}, experts split per expert, MTP moved to layer num_hidden_layers + k."""
-    args: ModelArgs = model.args
-    L, out = args.num_hidden_layers, {}
     sd = model.state_dict() if sd is None else sd
-    for name, t in sd.items():
-        if name == "lm_head.weight":
-            if not args.tie_word_embeddings:
-                out[name] = t
-            continue
-        if m := re.match(r"^mtp\.(\d+)\.(block\.)?(.*)$", name):  # MTP module k -> layer L + k
-            k, rest = int(m[1]), m[3]
-            name = f"layers.{L + k}.{rest}"
-        if m := EXPERT_RE.match(name):  # stacked experts -> one tensor per expert and projection
-            prefix = f"model.layers.{m[1]}.mlp.experts"
-            for e in range(t.shape[0]):
-                if m[2] == "down_proj":
-                    out[f"{prefix}.{e}.down_proj.weight"] = t[e]
-                else:
-                    gate, up = t[e].chunk(2, dim=0)
-                    out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
-            continue
-        out["model." + name] = t
-    for k in range(len(model.mtp)):  # the real checkpoints carry copies of the shared embedding and head
-        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd["embed_tokens.weight"]
-        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"]
-    return out
+    return {k: v for name, t in sd.items() for k, v in hf_tensors(model.args, len(model.mtp), name, t)}
+
+
+def hf_tensors(args: ModelArgs, n_mtp: int, name: str, t: torch.Tensor, experts=None):
+    """One nanoseek tensor -> its (HF name, tensor) pairs: the stacked experts one tensor per expert and projection
+    (`experts`: the expert ids of t's rows when it holds only some of them, as an expert-parallel rank does), MTP
+    module k at layer num_hidden_layers + k, and the copies of the shared embedding and head that the published MTP
+    layers carry (with the embedding and the head)."""
+    L = args.num_hidden_layers
+    if name == "lm_head.weight":
+        if not args.tie_word_embeddings:
+            yield name, t
+        for k in range(n_mtp):
+            yield f"model.layers.{L + k}.shared_head.head.weight", t
+        return
+    if name == "embed_tokens.weight":
+        for k in range(n_mtp):
+            yield f"model.layers.{L + k}.embed_tokens.weight", t
+    if m := re.match(r"^mtp\.(\d+)\.(block\.)?(.*)$", name):  # MTP module k -> layer L + k
+        name = f"layers.{L + int(m[1])}.{m[3]}"
+    if m := EXPERT_RE.match(name):  # stacked experts -> one tensor per expert and projection
+        prefix = f"model.layers.{m[1]}.mlp.experts"
+        for e, w in zip(range(t.shape[0]) if experts is None else experts, t):
+            if m[2] == "down_proj":
+                yield f"{prefix}.{e}.down_proj.weight", w
+            else:
+                gate, up = w.chunk(2, dim=0)
+                yield f"{prefix}.{e}.gate_proj.weight", gate
+                yield f"{prefix}.{e}.up_proj.weight", up
+        return
+    yield "model." + name, t
 
 
 def hf_to_internal(name: str, L: int) -> tuple[str, int | None] | None:
@@ -172,15 +179,37 @@ def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | st
                       fp8: bool = False) -> None:
     """Write the weights (sharded above max_shard_size), config.json, generation_config.json and the tokenizer into
     the directory `out` (not atomic by itself: callers write into a temporary directory and rename it).
-    `state_dict`: a full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards).
+    `state_dict`: a full state dict to write instead of model.state_dict().
     fp8: the layout DeepSeek publishes: the FP8_EXPORT_RE weights as float8_e4m3fn with a float32 `weight_scale_inv`
     per 128x128 block ([ceil(out/128), ceil(in/128)]), and `quantization_config` in config.json."""
-    limit = _parse_size(max_shard_size)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf(model, state_dict).items()}
-    high = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    tensors = export_tensors(to_hf(model, state_dict), fp8)
+    shards = shard_names(tensors, _parse_size(max_shard_size))
+    files = shard_files([len(shards)])[0]
+    for fname, shard in zip(tqdm(files, desc="saving shards", unit="file", disable=len(shards) < 2), shards):
+        save_file({n: tensors[n] for n in shard}, out / fname, metadata={"format": "pt"})
+    write_model_meta(model.args, out, tokenizer, dtype_name(tensors), fp8,
+                     {n: f for f, shard in zip(files, shards) for n in shard},
+                     sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def export_tensors(hf: dict[str, torch.Tensor], fp8: bool = False) -> dict[str, torch.Tensor]:
+    """HF-named tensors -> independent contiguous CPU tensors as the published files hold them (views of experts and
+    MTP copies cloned), with fp8 the FP8_EXPORT_RE weights quantised (+ their weight_scale_inv)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf.items()}
     if fp8:
         for name in [n for n in tensors if FP8_EXPORT_RE.search(n)]:
             tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name])
+    return tensors
+
+
+def dtype_name(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The high-precision dtype of the weights (config.json's torch_dtype)."""
+    high = [t.dtype for t in tensors.values() if t.dtype != torch.float8_e4m3fn and t.is_floating_point()]
+    return str(high[0]).removeprefix("torch.") if high else None
+
+
+def shard_names(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """The tensors' names in the natural order, cut into files of at most `limit` bytes (one tensor per file above)."""
     shards, cur, size = [], [], 0
     for n in sorted(tensors, key=_natural_key):
         nbytes = tensors[n].numel() * tensors[n].element_size()
@@ -189,24 +218,37 @@ def write_model_files(model, out: Path, tokenizer=None, max_shard_size: int | st
             cur, size = [], 0
         cur.append(n)
         size += nbytes
-    shards.append(cur)
-    weight_map = {}
-    for i, shard in enumerate(tqdm(shards, desc="saving shards", unit="file", disable=len(shards) < 2)):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        # published files hold independent tensors: clone views (MTP copies, expert slices) before writing
-        save_file({n: tensors[n].clone() for n in shard}, out / fname, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def shard_files(counts: list[int]) -> list[list[str]]:
+    """File names for writers that hold counts[i] shards each: model.safetensors for a single file, else
+    model-0000i-of-0000n.safetensors numbered across the writers in order."""
+    total = sum(counts)
+    if total == 1:
+        return [["model.safetensors"] if c else [] for c in counts]
+    first = [sum(counts[:i]) for i in range(len(counts))]
+    return [[f"model-{first[i] + j + 1:05d}-of-{total:05d}.safetensors" for j in range(c)]
+            for i, c in enumerate(counts)]
+
+
+def write_model_meta(args: ModelArgs, out: Path, tokenizer, dtype: str | None, fp8: bool, weight_map: dict,
+                     total_size: int) -> None:
+    """Everything of a published checkpoint but the weight files: the index (when they are several), config.json
+    (torch_dtype, quantization_config with fp8), generation_config.json and the tokenizer."""
+    if len(set(weight_map.values())) > 1:
         (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    args = model.args
-    args.torch_dtype, quant = high, args.quantization_config
+            json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(
+                weight_map.items(), key=lambda kv: _natural_key(kv[0])))}, indent=2) + "\n")
+    old = args.torch_dtype, args.quantization_config
+    args.torch_dtype = dtype or args.torch_dtype
     args.quantization_config = dict(FP8_CONFIG) if fp8 else None
     try:
         args.to_json(out / "config.json")
     finally:
-        args.quantization_config = quant
+        args.torch_dtype, args.quantization_config = old
     (out / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(out)
@@ -284,7 +326,7 @@ def weight_files(path: Path) -> list[Path]:
             if not f.exists():
                 raise NanoseekError(f"{index} names {f.name}, which is missing")
         return files
-    files = sorted(p for p in path.glob("*.safetensors") if p.name != "optimizer.safetensors")  # training state
+    files = sorted(path.glob("*.safetensors"))
     if not files:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise NanoseekError(f"{path} holds only pickled weights (.bin/.pt); nanoseek loads safetensors only "
@@ -304,6 +346,11 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
             raise NanoseekError(f"{f} is not a readable safetensors file (truncated or corrupt?): "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return out
+
+
+def read_published(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in the published layout, by its HF name (one file or several)."""
+    return read_tensors(weight_files(Path(path)))
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

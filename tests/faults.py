@@ -2,7 +2,7 @@
 
     python tests/faults.py FAULT [FAULT ...] -- <nanoseek arguments>        (also as a torchrun script)
 
-  fail-save:N    the checkpoint save at step N raises between its model files and its optimizer file
+  fail-save:N    the checkpoint save at step N raises after every rank wrote its DCP files, before train_state.json
   kill-save:N    SIGKILL at that same point of the step-N save
   kill-step:N    SIGKILL right after optimizer step N
   kill-corpus    SIGKILL while the embedded corpus is being written (after its first split's shards)
@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 
-import nanoseek.train.common as common
 import nanoseek.train.run as run
 from nanoseek.cli import main
 from nanoseek.data import corpus
@@ -29,15 +28,15 @@ def raise_oserror(*_, **__):
 
 
 def in_save(step: int, fault) -> None:
-    """Run `fault` in place of the optimizer file's write of the step-`step` checkpoint (the model files are
-    already in the temporary directory then)."""
-    save = run.save_training_checkpoint
+    """Run `fault` in place of the write of the step-`step` checkpoint's train_state.json (its tensors are already
+    in the temporary directory then, written by every rank)."""
+    complete = run.complete_checkpoint
 
-    def patched(run_dir, at, *a, **k):
+    def patched(run_dir, tmp, at, *a, **k):
         if at == step:
-            common.save_file = fault
-        return save(run_dir, at, *a, **k)
-    run.save_training_checkpoint = patched
+            fault()
+        return complete(run_dir, tmp, at, *a, **k)
+    run.complete_checkpoint = patched
 
 
 def after_step(step: int) -> None:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from nanoseek.checkpoint import read_published
+from nanoseek.parallel.state import read as read_checkpoint
 from nanoseek.cli import main
 from tests.test_pretrain import data, metrics  # noqa: F401  (data: the 600-document corpus fixture)
 
@@ -37,8 +38,8 @@ def same_run(a, b, tol, wtol):
     for x, y in zip(ma, mb):
         assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"]), (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 10 * tol * abs(x["grad_norm"]), (x, y)
-    wa = load_file(str(Path(a) / "model" / "model.safetensors"))
-    wb = load_file(str(Path(b) / "model" / "model.safetensors"))
+    wa = read_published(Path(a) / "model")
+    wb = read_published(Path(b) / "model")
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < wtol
 
@@ -51,7 +52,7 @@ def test_ep2_equals_one_process_and_keeps_the_published_layout(data, tmp_path):
     same_run(tmp_path / "one", tmp_path / "ep", 1e-5, 1e-3)
     torchrun(*common, "--out", str(tmp_path / "overlap"), "--batch-size", "2", "--ep", "2", "--ep-overlap")
     same_run(tmp_path / "one", tmp_path / "overlap", 1e-5, 1e-3)
-    w = load_file(str(tmp_path / "ep" / "model" / "model.safetensors"))
+    w = read_published(tmp_path / "ep" / "model")
     experts = {k for k in w if ".mlp.experts." in k}
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in experts  # all 16 experts, one tensor each
     assert all(w[k].shape[0] in (64, 128) for k in experts if k.endswith("gate_proj.weight"))
@@ -75,8 +76,8 @@ def test_resume_at_another_ep_degree(data, tmp_path):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     torchrun(*common, "--out", str(cut), "--resume", "auto")  # --ep 1
     same_run(tmp_path / "straight", cut, 1e-5, 1e-4)
-    opt = load_file(str(cut / "checkpoints" / "step_000006" / "optimizer.safetensors"))
-    assert opt["layers.1.mlp.experts.gate_up_proj::exp_avg"].shape[0] == 16  # whole, whatever the degree
+    opt = read_checkpoint(cut / "checkpoints" / "step_000006", prefix="optim.")
+    assert opt["layers.1.mlp.experts.gate_up_proj.exp_avg"].shape[0] == 16  # whole, whatever the degree
 
 
 def test_bad_ep(data, tmp_path):
@@ -179,7 +180,7 @@ def test_fsdp2_with_ep_halves_each_ranks_memory(data, tmp_path):
     torchrun(*common, "--out", str(tmp_path / "sharded"), "--batch-size", "2", "--parallel", "fsdp", "--ep", "2")
     mem = {r: json.loads((tmp_path / r / "ledger.json").read_text())["memory"] for r in ("one", "sharded")}
     state = {r: m["state_gib"] for r, m in mem.items()}  # weights + gradients + AdamW state, this rank's tensors
-    held = {r: m["peak_rss_before_gather_gib"] - m["rss_before_model_gib"] for r, m in mem.items()}
+    held = {r: m["peak_rss_before_save_gib"] - m["rss_before_model_gib"] for r, m in mem.items()}
     built = mem["sharded"]["peak_rss_after_build_gib"] - mem["sharded"]["rss_before_model_gib"]
     print(f"weights + gradients + AdamW state, GiB: one process {state['one']:.3f}, FSDP2 + EP 2 rank 0 "
           f"{state['sharded']:.3f} ({state['sharded'] / state['one']:.2f}x); resident memory above the process before "

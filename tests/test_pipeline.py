@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
+from nanoseek.checkpoint import read_published
 from nanoseek.cli import main
 from tests.test_expert_parallel import SMALL, metrics, torchrun
 
@@ -35,7 +35,7 @@ def test_pp2_equals_one_process(runs, schedule):
         assert abs(x["mtp_loss"] - y["mtp_loss"]) <= 1e-5 * x["mtp_loss"], (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-3 * x["grad_norm"], (x, y)
         assert x["expert_load_max_over_mean"] == y["expert_load_max_over_mean"]
-    wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (root / "one", out))
+    wa, wb = (read_published(p / "model") for p in (root / "one", out))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3  # a third of one Adam step at lr 3e-3
     ev = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
@@ -52,7 +52,7 @@ def test_pp_with_ep_and_dp_equals_one_process(runs):
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["grad_norm"] - y["grad_norm"]) <= \
             1e-3 * x["grad_norm"], (x, y)
-    wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (root / "one", out))
+    wa, wb = (read_published(p / "model") for p in (root / "one", out))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3  # a third of one Adam step at lr 3e-3
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from nanoseek.checkpoint import read_published
+from nanoseek.parallel.state import read as read_checkpoint
 from nanoseek.cli import main
 from nanoseek.data.corpus import load_meta
 from nanoseek.data.loader import PackedLoader
@@ -98,8 +99,8 @@ def test_two_ranks_equal_one_process(data, tmp_path, parallel, tol):
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"])
-    wa = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    wa = read_published(tmp_path / "one" / "model")
+    wb = read_published(tmp_path / "two" / "model")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
 
 
@@ -115,7 +116,7 @@ def test_fsdp_failed_save_and_resume(data, tmp_path):
 
 def test_failed_save_then_resume_is_bit_identical(data, tmp_path):
     assert pretrain(tmp_path / "straight", data, 8, "--save-every", "4") == 0
-    # die in the middle of the step-8 save (after the model file, before the optimizer file)
+    # fail in the middle of the step-8 save (its tensors written, not yet train_state.json)
     r = with_fault("fail-save:8", "pretrain", "--out", str(tmp_path / "broken"), "--data", str(data), "--max-steps",
                    "8", *SMALL, "--save-every", "4")
     assert r.returncode != 0 and "injected failure" in r.stderr
@@ -125,8 +126,8 @@ def test_failed_save_then_resume_is_bit_identical(data, tmp_path):
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "broken")
     assert [m["step"] for m in b] == list(range(1, 9))
     assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bit-identical
-    wa = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "broken" / "model" / "model.safetensors"))
+    wa = read_published(tmp_path / "straight" / "model")
+    wb = read_published(tmp_path / "broken" / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ledger = json.loads((tmp_path / "broken" / "ledger.json").read_text())
     assert ledger["tokens"] == 8 * 4 * 64 and ledger["steps"] == 8
@@ -165,8 +166,8 @@ def test_killed_while_preparing_the_corpus_or_saving_then_rerun(tmp_path):
     r = cli(*args, "--out", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(run)]
-    wa = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    wb = load_file(str(run / "model" / "model.safetensors"))
+    wa = read_published(tmp_path / "straight" / "model")
+    wb = read_published(run / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -183,9 +184,9 @@ def test_nan_gradient_skips_step(data, tmp_path, monkeypatch):
     m = metrics(run)
     assert [x["skipped"] for x in m] == [False, False, True, False]
     assert m[-1]["skipped_steps"] == 1
-    w2 = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
-    w3 = load_file(str(run / "checkpoints" / "step_000003" / "model.safetensors"))
-    w4 = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+    w2 = read_checkpoint(run / "checkpoints" / "step_000002")
+    w3 = read_checkpoint(run / "checkpoints" / "step_000003")
+    w4 = read_checkpoint(run / "checkpoints" / "step_000004")
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step changed nothing, router bias included
     assert not all(torch.equal(w3[k], w4[k]) for k in w3)
     assert json.loads((run / "ledger.json").read_text())["skipped_steps"] == 1

@@ -1,7 +1,7 @@
 """One plan for a model on this rank (torchtitan's parallelize step): `check` refuses a layout that cannot be, in one
 line, before anything is written; `parallelize` applies the wraps in one fixed order and returns the `Plan`, which
-owns the per-step jobs that depend on the layout (gradient norm and clipping, the ranks' vote, the full state for
-checkpoints). The trainer (`train/run.py: Run`) holds the plan and nothing else about parallelism.
+owns the per-step jobs that depend on the layout (gradient norm and clipping, the ranks' vote, EPLB) and the state
+on disk (DCP checkpoints that any layout reads, the published model written rank by rank). The trainer (`train/run.py: Run`) holds the plan and nothing else about parallelism.
 
 The order, from the inside out (each wraps what the one before left):
 
@@ -26,14 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek import fp8
 from nanoseek.errors import NanoseekError
-from nanoseek.parallel import activation_checkpoint
+from nanoseek.parallel import activation_checkpoint, export, state
 from nanoseek.parallel.data_parallel import wrap
 from nanoseek.parallel.distributed import Dist, all_reduce, build_mesh
-from nanoseek.parallel.expert_parallel import EP, local_slice
+from nanoseek.parallel.expert_parallel import EP
 from nanoseek.parallel.materialize import materialize, on_meta
 from nanoseek.parallel.pipeline import Pipeline, held_by
 
@@ -150,38 +149,18 @@ class Plan:
         before_after = self.ep.rebalance(opt)
         return {"eplb_rank_load_max_over_mean": [round(v, 3) for v in before_after]} if before_after else {}
 
-    # ---- the whole state ----
-    def gather(self, opt: torch.optim.Optimizer, all_names) -> dict:
-        """The whole model and optimizer state in the published layout (collective under FSDP, EP and PP)."""
-        full = gather_full(self.model, opt, self.ep)
-        if self.pp is not None:
-            full["model"] = self.pp.full_state(full["model"])
-            full["optimizer"] = self.pp.full_optimizer(full["optimizer"])
-            for g, names in zip(full["groups"], all_names):
-                g["names"] = names
-        return full
+    # ---- the state on disk ----
+    def state_dict(self, opt: torch.optim.Optimizer) -> dict:
+        """This rank's part of the weights and of AdamW's state, as DCP saves it (parallel/state.py)."""
+        return state.state_dict(self, opt)
 
-    @torch.no_grad()
-    def load_model_state(self, sd: dict) -> None:
-        """A whole state dict (the published names, whole tensors: a checkpoint's) into this rank's part: an expert
-        shard takes its slots, an FSDP2 shard its rows, the rest the tensor."""
-        own = self.model.state_dict(keep_vars=True)
-        missing = sorted(set(own) - set(sd))
-        if missing:
-            raise NanoseekError(f"the checkpoint lacks {missing[0]}")
-        for name, t in own.items():
-            if t.is_meta:  # a stage this rank does not hold
-                continue
-            v = sd[name].to(self.d.device)
-            if getattr(t, "ep_module", None) is not None:
-                v = local_slice(v, t)
-            if isinstance(t, DTensor):
-                v = distribute_tensor(v.to(t.dtype), t.device_mesh, t.placements)
-                t.to_local().copy_(v.to_local())
-            else:
-                t.copy_(v)
-        if self.pp is not None and self.pp.embed_copy is not None:  # the last stage's tied copy, made before loading
-            self.pp.embed_copy.weight.copy_(self.model.embed_tokens.weight)
+    def load(self, opt: torch.optim.Optimizer, path) -> None:
+        """A DCP checkpoint, written under any layout, into this rank's part of the model and its optimizer."""
+        state.load(self, opt, path)
+
+    def save_published(self, out, tokenizer=None, fp8: bool = False) -> None:
+        """OUT/model in the published layout, each rank writing what it holds (parallel/export.py)."""
+        export.save_published(self, out, tokenizer, fp8)
 
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (evaluation and sampling
@@ -205,34 +184,10 @@ class Plan:
         module._parameters[leaf] = nn.Parameter(value, module._parameters[leaf].requires_grad)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor; an FSDP shard (DTensor) is gathered first, which every rank must call together; a tensor
-    on meta (a pipeline stage held elsewhere) comes back as an empty one of its shape (the pipeline fills it)."""
-    if t.is_meta:
-        return torch.empty(t.shape, dtype=t.dtype)
-    t = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return t.detach().to("cpu").contiguous()
-
-
-def gather_full(model, opt, ep=None) -> dict:
-    """Full model state dict and optimizer state (keyed by parameter name), the groups' hyper-parameters. Under EP the
-    expert shards are gathered into whole [E, ...] tensors (the published layout whatever the EP degree)."""
-    sharded = set(ep.names) if ep is not None else set()
-    tensors, groups = {}, []
-    for g in opt.param_groups:
-        groups.append({k: v for k, v in g.items() if k != "params"})
-        for name, p in zip(g["names"], g["params"]):
-            for k, v in opt.state.get(p, {}).items():
-                v = ep.full(name, v) if name in sharded and v.dim() > 0 else v
-                tensors[f"{name}::{k}"] = _full(v)
-    sd = {k: _full(ep.full(k, v) if k in sharded else v) for k, v in model.state_dict().items()}
-    return {"model": sd, "optimizer": tensors, "groups": groups}
-
-
 def parallelize(model, d: Dist, layout: Layout, init: bool = True) -> Plan:
     """Apply the layout to `model` on this rank, in the module's order; call before the optimizer is built. A model
     on the meta device (build_model(..., device="meta")) is materialised here, only this rank's part of it, with the
-    one-process initial weights (init; without, a resumed run's: Plan.load_model_state)."""
+    one-process initial weights (init; without, left to be read: Plan.load)."""
     layout.check(d.world)
     plan = Plan(model, d, layout)
     meta = on_meta(model)

@@ -1,24 +1,22 @@
-"""What every training loop shares: AdamW parameter groups, the LR schedule, training checkpoints (model in the
-published layout + optimizer + loop state, written atomically, last k kept, newest complete one found on resume),
-metrics as JSONL, and the progress display."""
+"""What every training loop shares: AdamW parameter groups, the LR schedule, training checkpoints (each rank's part of
+the weights and optimizer written by DCP, parallel/state.py, + the loop state; complete only once renamed, last k kept,
+newest complete one found on resume), metrics as JSONL, and the progress display."""
 
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
-from nanoseek.parallel.expert_parallel import local_slice
-from nanoseek.checkpoint import atomic_dir, atomic_write, load_state_dict, write_model_files
+from nanoseek.checkpoint import _fsync, atomic_write
 from nanoseek.errors import NanoseekError
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -92,9 +90,9 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: 
 
 # ---- training checkpoints ------------------------------------------------------------------------------------------
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
-                           subset: bool = False) -> None:
-    """subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
+def load_optimizer_groups(opt: torch.optim.Optimizer, groups: list[dict], subset: bool = False) -> None:
+    """The saved groups' hyper-parameters (lr, betas, ...) into the optimizer's groups, each matched by its parameter
+    names. subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
     if subset:  # each of this rank's (non-empty) groups within the saved group that holds its names
         mine = [g for g in opt.param_groups if g["names"]]
         saved_groups = [next((s for s in groups if set(g["names"]) <= set(s["names"])), None) for g in mine]
@@ -106,38 +104,34 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         if not subset and saved["names"] != g["names"]:
             raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "names"})
-        for name, p in zip(g["names"], g["params"]):
-            state = {}
-            for k, v in tensors.items():
-                if not k.startswith(name + "::"):
-                    continue
-                v = v.to(p.device)
-                if getattr(p, "ep_module", None) is not None and v.dim() > 0:  # EP: this rank's expert slots
-                    v = local_slice(v, p)
-                if hasattr(p, "device_mesh") and v.shape == p.shape:  # FSDP: keep only this rank's shard
-                    v = distribute_tensor(v, p.device_mesh, p.placements)
-                state[k.split("::", 1)[1]] = v
-            if state:
-                opt.state[p] = state
 
 
-def save_training_checkpoint(run_dir: Path, step: int, model, full: dict, state: dict, tokenizer=None,
-                             keep: int = 3) -> Path:
-    """checkpoints/step_{step:06d}/ = the model (published layout) + optimizer.safetensors + train_state.json,
-    written to a temporary directory and renamed when complete; then all but the newest `keep` are removed.
-    `full` comes from parallel.Plan.gather."""
+def new_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of `step` (the main rank's; the others are told its name)."""
     root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.tmp-", dir=root))
 
-    def write(tmp: Path):
-        write_model_files(model, tmp, tokenizer, state_dict=full["model"])
-        save_file(full["optimizer"], tmp / "optimizer.safetensors")
-        (tmp / "train_state.json").write_text(json.dumps({**state, "step": step, "optimizer_groups": full["groups"]},
-                                                         indent=1) + "\n")  # written last
 
-    path = atomic_dir(root / f"step_{step:06d}", write)
+def complete_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict, keep: int = 3) -> Path:
+    """A checkpoint written by every rank into `tmp` (DCP's files, parallel.state) made complete: train_state.json
+    (loop state, RNG, counters, the optimizer's groups) written last, everything fsynced, the directory renamed to
+    checkpoints/step_{step:06d}; then all but the newest `keep` removed, and what killed saves left behind."""
+    (tmp / "train_state.json").write_text(json.dumps({**state, "step": step, "format": "dcp"}, indent=1) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    path = tmp.parent / f"step_{step:06d}"
+    if path.exists():  # a re-run of the same step (resumed past a kill after the rename): replaced whole
+        old = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.old-", dir=tmp.parent))
+        os.rename(path, old / "ckpt")
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    _fsync(path.parent)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-save
+    for stale in path.parent.glob(".step_*.*-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     return path
 
@@ -151,30 +145,19 @@ def list_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name)[1]))
 
 
-def read_training_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    state = json.loads((path / "train_state.json").read_text())
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt", device="cpu") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return state, tensors
-
-
-def resume_latest(run_dir: Path, model, device) -> tuple[Path | None, int, dict, tuple | None, dict | None]:
-    """Load the newest complete checkpoint of a run into `model` and restore the RNG -> (its path, step, loop state,
-    (optimizer tensors, groups) for load_optimizer_tensors, None); (None, 0, {}, None, None) when there is none. A
-    model still on the meta device (materialised by parallelize, rank by rank) is not loaded: its state dict comes
-    back last, for Plan.load_model_state."""
+def resume_latest(run_dir: Path) -> tuple[Path | None, int, dict]:
+    """The newest complete checkpoint of a run -> (its path, step, loop state), the RNG restored; (None, 0, {}) when
+    there is none. Its tensors are read once the model is laid out on the ranks (parallel.Plan.load)."""
     found = list_checkpoints(run_dir)
     if not found:
-        return None, 0, {}, None, None
+        return None, 0, {}
     ck = found[-1]
-    sd = load_state_dict(ck, model.args, {k: v.shape for k, v in model.state_dict().items()})
-    later = any(p.is_meta for p in model.parameters())
-    if not later:
-        model.load_state_dict({k: v.to(device) for k, v in sd.items()})
-    state, tensors = read_training_checkpoint(ck)
-    opt_state = (tensors, state.pop("optimizer_groups"))
+    state = json.loads((ck / "train_state.json").read_text())
+    if state.get("format") != "dcp":
+        raise NanoseekError(f"{ck} was written by an older nanoseek (one whole-state file per checkpoint); finish that "
+                            f"run with the version that started it, or start a new --out")
     set_rng_state(state["rng"])
-    return ck, state["step"], state, opt_state, sd if later else None
+    return ck, state["step"], state
 
 
 def autocast_for(device: torch.device):

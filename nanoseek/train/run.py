@@ -3,15 +3,15 @@ file (pretrain, sft, rl; distill goes through sft) reads as its own loop and not
 
     run = Run(args, "sft")                 threads, process group, device, optional trackers checked
     run.open(identity)                     run directory: new (run.json written first, atomically), resumed, or refused
-    state = run.resume(model)              newest complete checkpoint -> weights, RNG, step, loop state ({} if none)
-    policy = run.start(model, ...)         parallel.parallelize (EP, FP8, AC, PP | DDP / FSDP2), AdamW (+ its resumed
-                                           state), metrics, progress, trackers
+    state = run.resume(model)              newest complete checkpoint -> RNG, step, loop state ({} if none)
+    policy = run.start(model, ...)         parallel.parallelize (EP, FP8, AC, PP | DDP / FSDP2), AdamW, the resumed
+                                           weights and AdamW state (each rank its part), metrics, progress, trackers
     while run.step < max_steps:
         ... the trainer's own forward / backward ...
         out = run.optimizer_step(losses)   clip, the non-finite vote over ranks, skip or step, router-bias update
         run.log(row)                       metrics.jsonl (+ TensorBoard, W&B), by name; the progress bar
-        if run.due(save_every): run.checkpoint(loop_state, tok)
-    run.finish(tok)                        ledger.json, OUT/model
+        if run.due(save_every): run.checkpoint(loop_state)   each rank's part (DCP), then train_state.json
+    run.finish(tok)                        ledger.json, OUT/model (the published layout, each rank its part)
 
 A run killed at any moment continues when the same command (with `--resume auto`) is run again: run.json,
 checkpoints, the ledger and the final model are written atomically, and metrics past the resumed step are dropped.
@@ -21,19 +21,22 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from nanoseek.checkpoint import atomic_write, save_pretrained
+from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.parallel import Layout, all_reduce, barrier, init_distributed, parallelize
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
-from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, load_optimizer_tensors,
-                                   param_groups, resume_latest, rng_state, save_training_checkpoint)
+from nanoseek.parallel.state import checkpoint_group
+from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, complete_checkpoint,
+                                   load_optimizer_groups, new_checkpoint_dir, param_groups, resume_latest, rng_state)
 
 
 def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int) -> None:
@@ -41,7 +44,11 @@ def add_run_args(g, save_every: int, keep: int, eval_every: int, log_every: int)
     g.add_argument("--save-every", type=int, default=save_every, help="write a checkpoint every K steps (and at the end)")
     g.add_argument("--keep", type=int, default=keep, help="checkpoints to keep")
     g.add_argument("--resume", choices=["auto", "never"], default="never",
-                   help="auto: continue from the newest complete checkpoint in OUT (or start if there is none)")
+                   help="auto: continue from the newest complete checkpoint in OUT (or start if there is none), under "
+                        "this run's layout whatever layout wrote it (world size, --ep, --pp, --parallel)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (DCP async_save): training goes on once the state is "
+                        "copied; the checkpoint is complete (renamed into place) at the next save or at the end")
     g.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps (and at the end)")
     g.add_argument("--log-every", type=int, default=log_every, help="plain progress lines every K steps when not a TTY")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -189,7 +196,9 @@ class Run:
         self.data_rank, self.data_world = self.layout.data_ranks(self.d)  # the ranks that read distinct data
         self.out = Path(out or args.out)
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
-        self.resuming, self.resumed, self._opt_state, self._model_state = False, False, None, None
+        self.resuming, self.resumed, self._resume_from, self._opt_groups = False, False, None, None
+        self._pending = None  # a checkpoint being written in the background (--async-save)
+        self._ckpt_group = None
         self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
         self.autocast = autocast_for(self.d.device)
         self.tracker_libs = Trackers.require(args)  # before anything is written
@@ -220,11 +229,12 @@ class Run:
         the trainer's loop state, {} when starting fresh."""
         if not self.resuming:
             return {}
-        ck, self.step, state, self._opt_state, self._model_state = resume_latest(self.out, model, self.d.device)
+        ck, self.step, state = resume_latest(self.out)
         if ck is None:
             self.print(f"no complete checkpoint in {self.out}: starting from scratch")
             return {}
-        self.resumed = True
+        self.resumed, self._resume_from = True, ck
+        self._opt_groups = state.pop("optimizer_groups")
         self.skipped, self.wall_before = state.get("skipped_steps", 0), state.get("wall_seconds", 0.0)
         self.print(f"resumed from {ck} (step {self.step})")
         return state
@@ -237,19 +247,17 @@ class Run:
         wrapped model to run forwards through."""
         self.model, self.max_steps = model, max_steps
         # EP, FP8, AC, then PP or DDP/FSDP2, in that order; a meta-device model materialised rank by rank
-        self.plan = parallelize(model, self.d, self.layout, init=self._model_state is None)
-        if self._model_state is not None:  # a resumed run's weights, into this rank's part
-            self.plan.load_model_state(self._model_state)
-            self._model_state = None
-        self.memory["peak_rss_after_build_gib"] = rss_gib()[1]  # the model built (and loaded), before any step
+        self.plan = parallelize(model, self.d, self.layout, init=not self.resumed)
         groups, self._all_names = self.plan.param_groups(lambda keep: param_groups(model, weight_decay, keep))
         if getattr(self.args, "bf16_moments", False):
             self.opt = AdamWBF16Moments(groups, lr=lr, betas=betas, eps=1e-8)
         else:
             self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
                                          fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps parameters
-        if self._opt_state is not None:
-            load_optimizer_tensors(self.opt, *self._opt_state, subset=self.plan.pp is not None)
+        if self.resumed:  # the checkpoint's weights and AdamW state, each rank its part (any layout wrote it)
+            load_optimizer_groups(self.opt, self._opt_groups, subset=self.plan.pp is not None)
+            self.plan.load(self.opt, self._resume_from)
+        self.memory["peak_rss_after_build_gib"] = rss_gib()[1]  # the model built (and loaded), before any step
         # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
         self.logs = {name.split(".")[0]: Metrics(self.out / name, resume_step=self.step if self.resumed else None,
                                                  enabled=self.main) for name in logs}
@@ -332,22 +340,54 @@ class Run:
         return self.wall_before + time.time() - self.t_start
 
     # ---- checkpoints, ledger, the end ----
-    def checkpoint(self, state: dict, tok) -> None:
-        """A complete training checkpoint (model, optimizer, the trainer's loop state + RNG, counters), written
-        atomically by the main rank after every rank took part in gathering it; then the ledger."""
-        st = {**state, "rng": rng_state(), "skipped_steps": self.skipped, "wall_seconds": self.wall()}
-        full = self.gather()
+    def checkpoint(self, state: dict, tok=None) -> None:
+        """A complete training checkpoint: each rank's part of the weights and AdamW's state written by DCP (all
+        ranks together; in the background with --async-save), then the trainer's loop state, RNG and counters
+        (train_state.json, written last) and the rename that makes it complete; then the ledger."""
+        self.memory.setdefault("peak_rss_before_save_gib", rss_gib()[1])  # what training held, before any save
+        self.memory.setdefault("state_gib", self.state_bytes() / 2 ** 30)
+        self.wait_for_save()
+        st = {**state, "rng": rng_state(), "skipped_steps": self.skipped, "wall_seconds": self.wall(),
+              "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]}
+        if self.plan.pp is not None:  # every group's names, whatever stages this rank holds
+            for g, names in zip(st["optimizer_groups"], self._all_names):
+                g["names"] = names
+        tmp = new_checkpoint_dir(self.out, self.step) if self.main else None
+        if self.d.enabled:
+            box = [str(tmp) if tmp else None]
+            dist.broadcast_object_list(box, src=0)
+            tmp = Path(box[0])
+            self._ckpt_group = self._ckpt_group or checkpoint_group()
+        sd = self.plan.state_dict(self.opt)
+        if getattr(self.args, "async_save", False):
+            future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self._ckpt_group,
+                                    no_dist=not self.d.enabled)
+        else:
+            dcp.save(sd, checkpoint_id=str(tmp), process_group=self._ckpt_group, no_dist=not self.d.enabled)
+            future = None
+        self._pending = (future, tmp, self.step, st)
+        if future is None:
+            self.wait_for_save()
+
+    def wait_for_save(self) -> None:
+        """The checkpoint in flight (if any) written by every rank, then made complete by the main rank."""
+        if self._pending is None:
+            return
+        future, tmp, step, st = self._pending
+        self._pending = None
+        try:
+            if future is not None:
+                future.result()
+            barrier()  # every rank's files written
+            if self.main:
+                complete_checkpoint(self.out, tmp, step, st, self.args.keep)
+        except BaseException:  # not a checkpoint: nothing of it left (a kill leaves it to the next save's sweep)
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.main:
-            save_training_checkpoint(self.out, self.step, self.model, full, st, tok, self.args.keep)
             self.ledger(st["wall_seconds"])
         barrier()
-
-    def gather(self) -> dict:
-        """The whole model and optimizer state (collective under FSDP, EP and PP)."""
-        # the memory the training held, before the first gather (which holds the whole state on each rank)
-        self.memory.setdefault("peak_rss_before_gather_gib", rss_gib()[1])
-        self.memory.setdefault("state_gib", self.state_bytes() / 2 ** 30)
-        return self.plan.gather(self.opt, self._all_names)
 
     def state_bytes(self) -> int:
         """The bytes this rank holds of the weights, their gradients and AdamW's state (each storage once; an FSDP2 or
@@ -387,13 +427,12 @@ class Run:
         return row
 
     def finish(self, tok) -> dict:
-        """The final ledger and OUT/model (published layout, loadable by from_pretrained and transformers)."""
+        """The final ledger and OUT/model (published layout, loadable by from_pretrained and transformers), written by
+        the ranks together, each its own part."""
+        self.wait_for_save()
         self.progress.close()
         result = self.ledger()
-        final = self.gather()["model"]
-        if self.main:
-            save_pretrained(self.model, self.out / "model", tokenizer=tok, state_dict=final,
-                            fp8=getattr(self.args, "save_fp8", False))
+        self.plan.save_published(self.out / "model", tok, fp8=getattr(self.args, "save_fp8", False))
         self.trackers.close()
         barrier()
         return result

@@ -1,0 +1,541 @@
+"""`nanoseek plan`: does a training layout fit in a GPU's memory? One rank's training step, simulated.
+
+DeepSeek-V3 trained its 671B parameters on 2,048 H800s of 80 GB without tensor parallelism (report §3.2-§3.4): a
+16-way pipeline (DualPipe), 64-way expert parallelism over 8 nodes, ZeRO-1 data parallelism over the rest, and memory
+saved wherever it could be (RMSNorm and MLA's up-projections recomputed, activations cached in FP8, AdamW's moments
+in BF16, the EMA in CPU memory). Whether a layout fits is a question about one rank: its part of the model, its
+gradients and optimizer state, and the activations of the micro-batches its pipeline schedule keeps in flight.
+
+`simulate` answers it by running that rank's part through the project's own code on fake tensors (torch's
+FakeTensorMode: shapes, dtypes and devices, no data and no memory) under a fake process group of the layout's world
+size (torch's `fake` backend: every collective returns at once):
+
+    1. the whole model is built on the meta device (free, even at 671B); `parallel.parallelize` shards it as a run of
+       that layout would on the chosen rank (EP's expert slots, FP8, AC, the pipeline stages it holds, or FSDP2's
+       shards) and materialises only that part, as fake tensors;
+    2. `steps` training steps (the first allocates the optimizer state, the last is the one reported), each one
+       micro-batch of micro_batch x seq_len tokens forward and backward through the rank's stages under bf16 autocast
+       (the trainer's mode on GPUs: fp32 master weights), the gradients reduced as the trainer reduces them, then
+       AdamW (torch's fused one, or `AdamWBF16Moments`);
+    3. torch's MemTracker sorts every live tensor into parameters, gradients, optimizer states, activations and
+       temporaries, after each phase and at every operation.
+
+What a fake run cannot give is accounted from those measurements, and the output says so:
+
+- micro-batches in flight: the rank runs one micro-batch per step; its pipeline schedule keeps several alive. Their
+  number per stage is read from torch's own schedule (`pipeline_order`, this rank's forwards and backwards in order;
+  a micro-batch's activations live from its forward to its (weight-)backward) and multiplies the activations measured
+  for one micro-batch of that stage. (1F1B keeps PP on the first stage; DualPipe PP + 1, report Table 2.)
+- ZeRO-1: the optimizer steps this rank's 1/dp slice of every parameter (views of the parameter and its gradient:
+  what a ZeRO-1 rank updates before the all-gather; dp = the ranks holding that parameter, world/pp, or world/(pp*ep)
+  for an expert shard), so its moments and its step's temporaries are measured at their sharded size. ZeRO-3 is
+  FSDP2 as the trainer applies it (`--parallel fsdp`). ZeRO-0 keeps everything whole (DDP).
+- routing: how many tokens reach each expert depends on the data, which fake tensors do not hold. The simulation
+  assumes balanced routing, tokens*K/E rows for every expert (`balanced_routing`, a stand-in used only here).
+- attention: on CUDA, SDPA runs MLA (q/k heads of 192, v of 128) with the memory-efficient kernel, which keeps the
+  output and the log-sum-exp; for these fake CPU tensors it would pick the math path and keep the T x T scores. The
+  simulation calls the memory-efficient kernel (`gpu_attention`).
+- the device: the fake tensors sit on the CPU device. A CPU build of torch creates fake CUDA tensors, but its
+  autograd engine aborts the process on their backward (no CUDA device guard is compiled in); sizes are the same.
+"""
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.pipelining.schedules import _ComputationType
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from nanoseek import comm_model
+from nanoseek.config import ModelArgs
+from nanoseek.cost import attention_flops_per_token, count_params, human
+from nanoseek.errors import NanoseekError
+from nanoseek.model import build_model
+from nanoseek.parallel import Dist, Layout, parallelize
+from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
+from nanoseek.parallel.expert_parallel import EPExperts
+from nanoseek.parallel.pipeline import SCHEDULES, stage_bounds, stage_ranks
+from nanoseek.train.common import AdamWBF16Moments, param_groups
+
+GIB = 1 << 30
+DEVICE = torch.device("cpu")  # where the fake tensors sit (see the module's doc)
+ZERO = (0, 1, 3)
+
+
+@dataclass
+class Setup:
+    """A layout to simulate: `nanoseek plan`'s flags."""
+    gpus: int = 8
+    ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # 0: twice the pipeline's stages, past the schedule's warm-up
+    zero: int = 1
+    ac: str = "none"
+    seq_len: int = 4096
+    micro_batch: int = 1
+    fp8: bool = False
+    bf16_moments: bool = False
+    gpu_memory_gib: float = 80.0
+    rank: int = 0
+    steps: int = 2
+
+    @property
+    def stages(self) -> int:
+        return len(stage_ranks(self.pp_schedule, self.pp)) if self.pp > 1 else 1
+
+    def layout(self) -> Layout:
+        return Layout(parallel="fsdp" if self.zero == 3 else "none", ep=self.ep, pp=self.pp,
+                      pp_schedule=self.pp_schedule, pp_microbatches=self.pp_microbatches or 2 * self.stages,
+                      fp8=self.fp8, ac=self.ac)
+
+    def check(self, args: ModelArgs) -> None:
+        """One line for a layout that cannot be, before anything is built."""
+        for name in ("gpus", "ep", "pp", "seq_len", "micro_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.gpu_memory_gib > 0:
+            raise NanoseekError(f"--gpu-memory-gib must be > 0, got {self.gpu_memory_gib}")
+        if not 0 <= self.rank < self.gpus:
+            raise NanoseekError(f"--rank must be in [0, {self.gpus - 1}], got {self.rank}")
+        if self.zero not in ZERO:
+            raise NanoseekError(f"--zero must be one of {', '.join(map(str, ZERO))}, got {self.zero}")
+        if self.pp_schedule not in SCHEDULES:
+            raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {self.pp_schedule!r}")
+        if self.ac not in AC_MODES:
+            raise NanoseekError(f"--ac must be one of {', '.join(AC_MODES)}, got {self.ac!r}")
+        if self.zero == 3 and self.pp > 1:
+            raise NanoseekError("--zero 3 (FSDP2) inside pipeline stages is not built (nanoseek's PP replicates "
+                                "each stage over its data-parallel ranks): use --zero 0 or 1 with --pp")
+        if self.seq_len > args.max_position_embeddings:
+            raise NanoseekError(f"--seq-len {self.seq_len} exceeds the model's context "
+                                f"({args.max_position_embeddings})")
+        if self.ep > 1 and not args.n_routed_experts:
+            raise NanoseekError("--ep shards routed experts, and this model has none")
+        if self.ep > 1 and args.n_routed_experts % self.ep:
+            raise NanoseekError(f"--ep {self.ep} must divide the model's {args.n_routed_experts} routed experts")
+        if self.gpus % (self.pp * self.ep):
+            raise NanoseekError(f"--gpus {self.gpus} must be a multiple of --pp x --ep = {self.pp * self.ep}")
+        if self.pp > 1 and args.num_hidden_layers < self.stages:
+            raise NanoseekError(f"--pp {self.pp} with {self.pp_schedule} cuts {self.stages} stages, and the model "
+                                f"has {args.num_hidden_layers} layers")
+        if self.pp > 1 and self.pp_microbatches and self.pp_microbatches < self.stages:
+            raise NanoseekError(f"--pp-microbatches must be >= the pipeline's {self.stages} stages, got "
+                                f"{self.pp_microbatches}")
+        self.layout().check(self.gpus)
+
+
+# ---- stand-ins for what fake tensors cannot give (used by the simulation only) ----------------------------------------
+
+def _even(n: int, parts: int) -> list[int]:
+    """n split into `parts` counts as equal as they can be."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def _balanced_plan(self, indices):
+    """EPExperts.plan under balanced routing: the same exchange with every rank sending and receiving an equal share
+    of the (token, expert) pairs, and each local expert getting an equal share of what arrives (the real plan reads
+    the routed counts, which fake tensors do not hold, and exchanges them: two small all-to-alls left out here)."""
+    K, n_local = indices.shape[1], self.gate_up_proj.shape[0]
+    order = indices.flatten().argsort(stable=True)
+    splits = _even(order.numel(), self.ep_size)
+    total = sum(splits)
+    recv_expert = torch.arange(total, device=indices.device) * n_local // total  # sorted by expert, as plan's
+    return order, order // K, splits, splits, recv_expert
+
+
+def _balanced_bincount(x, weights=None, minlength=0):
+    """torch.bincount of routed expert ids (the FP8 experts' segments) -> balanced counts, as real numbers."""
+    assert weights is None and minlength > 0, "the routing's bincounts name their number of experts"
+    return torch.tensor(_even(x.numel(), minlength))
+
+
+@contextlib.contextmanager
+def balanced_routing():
+    """Every expert receives tokens*K/E rows: the (token, expert) pairs the router picks on fake tensors are shapes
+    without values, so their counts (all-to-all splits, FP8 expert segments) are set to the balanced ones."""
+    with mock.patch.object(EPExperts, "plan", _balanced_plan), mock.patch.object(torch, "bincount", _balanced_bincount):
+        yield
+
+
+def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    assert attn_mask is None and dropout_p == 0.0 and not enable_gqa, "training's attention: causal, no dropout"
+    if torch.is_autocast_enabled(q.device.type):  # CUDA's autocast casts SDPA's inputs
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad, is_causal=is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def gpu_attention():
+    """F.scaled_dot_product_attention as CUDA runs MLA's heads (q/k 192, v 128: no flash kernel for them): the
+    memory-efficient kernel, which keeps the output and the log-sum-exp (for fake CPU tensors torch would take the
+    math path and keep the T x T scores)."""
+    with mock.patch.object(F, "scaled_dot_product_attention", _efficient_sdpa):
+        yield
+
+
+class _AllToAllBytes:
+    """Counts the bytes each all_to_all_single sends to the other ranks of its group (its own share stays)."""
+
+    def __init__(self):
+        self.sent = 0
+
+    @contextlib.contextmanager
+    def counting(self):
+        real = dist.all_to_all_single
+
+        def counted(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            splits = input_split_sizes or _even(input.shape[0], dist.get_world_size(group))
+            row = input[0].numel() * input.element_size() if input.shape[0] else 0
+            self.sent += row * (sum(splits) - splits[dist.get_rank(group)])
+            return real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+        with mock.patch.object(dist, "all_to_all_single", counted):
+            yield
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------------
+
+def _get(snap: dict, *kinds: str) -> int:
+    """Bytes of the given MemTracker kinds (Parameter, Buffer, Gradient, Activation, Temp, Optstate, Other, Total)."""
+    dev = snap.get(DEVICE, {})
+    return sum(v for k, v in dev.items() if k in kinds)
+
+
+class _Tracker(MemTracker):
+    """torch's MemTracker, also keeping, per phase of the step ("fb": forward and backward, "opt": the optimizer
+    step), the most memory held at once, with and without the gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "fb"
+        self.most = defaultdict(int)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        super()._update_peak_stats(peak_state)
+        snap = self._curr_mem_snap
+        total = _get(snap, "Total")
+        self.most[self.phase] = max(self.most[self.phase], total)
+        self.most[self.phase + "_no_grads"] = max(self.most[self.phase + "_no_grads"], total - _get(snap, "Gradient"))
+
+    def now(self, *kinds: str) -> int:
+        return _get(self.get_tracker_snapshot(), *kinds)
+
+
+def in_flight(schedule, pp_rank: int) -> tuple[dict[int, int], int]:
+    """This pp rank's micro-batches in flight per stage, at the moment its schedule holds the most of them (torch's
+    own order of its forwards and backwards: a forward adds one, the full or weight backward frees it) -> ({stage:
+    count}, the most held at once over its stages)."""
+    held, best, at = defaultdict(int), -1, {}
+
+    def visit(a):
+        nonlocal best, at
+        kind = a.computation_type
+        if kind == _ComputationType.OVERLAP_F_B:
+            for sub in a.sub_actions:
+                visit(sub)
+        elif kind == _ComputationType.FORWARD:
+            held[a.stage_index] += 1
+            if sum(held.values()) > best:
+                best, at = sum(held.values()), dict(held)
+        elif kind in (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT):
+            held[a.stage_index] -= 1
+    for action in schedule.pipeline_order[pp_rank]:
+        if action is not None:
+            visit(action)
+    return at, best
+
+
+def _zero1_shards(groups: list[dict], dp_of) -> tuple[list[dict], list[tuple[nn.Parameter, torch.Tensor]]]:
+    """AdamW's groups over this rank's ZeRO-1 slice of each parameter: 1/dp of it (dp_of(p)), a view sharing the
+    parameter's storage, as a ZeRO-1 rank updates before the all-gather -> the groups, and (slice, parameter) pairs."""
+    pairs, out = [], []
+    for g in groups:
+        params = []
+        for p in g["params"]:
+            n = math.ceil(p.numel() / dp_of(p))
+            s = nn.Parameter(p.detach().view(-1)[:n])
+            pairs.append((s, p))
+            params.append(s)
+        out.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": params})
+    return out, pairs
+
+
+# ---- the simulation ------------------------------------------------------------------------------------------------
+
+def _parts(model, plan, setup: Setup) -> list[dict]:
+    """The stages this rank runs, in order: module, stage index, first/last, and its layers."""
+    if plan.pp is None:
+        return [{"module": model, "stage": 0, "first": True, "last": True,
+                 "layers": (0, len(model.layers)), "mtp": len(model.mtp) > 0}]
+    bounds = stage_bounds(len(model.layers), setup.stages)
+    owner = stage_ranks(setup.pp_schedule, setup.pp)
+    stages = [s for s in range(setup.stages) if owner[s] == plan.pp.pp_rank]
+    return [{"module": m, "stage": s, "first": m.first, "last": m.last, "layers": (bounds[s], bounds[s + 1]),
+             "mtp": m.last and len(model.mtp) > 0} for m, s in zip(plan.pp.modules, stages)]
+
+
+def _dp_of(setup: Setup):
+    """parameter -> the data-parallel ranks that hold it (and share its ZeRO-1 optimizer state)."""
+    dp = setup.gpus // setup.pp
+    return lambda p: dp // setup.ep if getattr(p, "ep_module", None) is not None else dp
+
+
+def _flops(model, parts, args: ModelArgs, setup: Setup) -> float:
+    """Model FLOPs of one micro-batch's forward and backward on this rank: 6 x the matmul parameters a token touches
+    in its stages (an expert shard: its share K/E of the experts, all E of them computed across the EP group) plus
+    attention (cost.py's rule; recomputation not counted)."""
+    tokens = setup.micro_batch * setup.seq_len
+    K, E = args.num_experts_per_tok or 0, args.n_routed_experts or 1
+    matmul, layers = 0.0, 0
+    for part in parts:
+        lo, hi = part["layers"]
+        layers += hi - lo + (len(model.mtp) if part["mtp"] else 0)
+        mods = list(model.layers[lo:hi]) + (list(model.mtp) if part["mtp"] else [])
+        for m in mods:
+            for name, p in m.named_parameters():
+                if p.ndim >= 2:
+                    share = K / E * setup.ep if ".experts." in f".{name}" else 1.0
+                    matmul += p.numel() * share
+        if part["last"]:  # the output head, once for the main model and once per MTP depth
+            matmul += model.lm_head.weight.numel() * (1 + (len(model.mtp) if part["mtp"] else 0))
+    fwd = 2 * matmul + layers * attention_flops_per_token(args, setup.seq_len)
+    return 3 * fwd * tokens
+
+
+def _v3_wire(args: ModelArgs, setup: Setup, moe_layers: int) -> dict | None:
+    """The all-to-all bytes of this rank's MoE layers per micro-batch in V3's own formats (FP8 dispatch, BF16
+    combine; node-limited routing over 8-GPU H800 nodes: comm_model), forward and the backward's mirror."""
+    if setup.ep < 2 or not moe_layers or (setup.ep > 8 and setup.ep % 8):
+        return None
+    b = comm_model.budget(args, comm_model.cluster("h800"), gpus=setup.ep, tokens=setup.micro_batch * setup.seq_len,
+                          seq_len=setup.seq_len, sm_counts=[20])
+    per = {link: sum(b["layer"][p][f"{link}_bytes"] for p in ("dispatch", "combine")) for link in ("ib", "nvlink")}
+    return {k: 2 * moe_layers * v for k, v in per.items()}
+
+
+@contextlib.contextmanager
+def _swappable(mode: FakeTensorMode):
+    """nn.Module.to_empty swaps each parameter for its new tensor, and torch.utils.swap_tensors refuses a tensor with
+    weak references: the fake mode's memo of the fakes it made (used to give one real tensor one fake) is dropped
+    before each swap."""
+    real = torch.utils.swap_tensors
+
+    def swap(t1, t2):
+        mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
+        return real(t1, t2)
+    with mock.patch.object(torch.utils, "swap_tensors", swap):
+        yield
+
+
+def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
+    """Simulate `setup.steps` training steps of rank `setup.rank` under the layout (see the module's doc) -> the
+    figures: the rank's part, its memory by kind (bytes), the in-flight counts, the verdict's numbers, FLOPs, bytes."""
+    setup.check(args)
+    if dist.is_initialized():
+        raise NanoseekError("nanoseek plan runs its own fake process group: run it outside torchrun")
+    t0 = time.time()
+    dist.init_process_group("fake", store=FakeStore(), rank=setup.rank, world_size=setup.gpus)
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model = build_model(args, device="meta")  # fake meta tensors: parallelize materialises them as fakes
+        log(f"built on meta in {time.time() - t0:.1f}s")
+        with _swappable(mode):
+            plan = parallelize(model, Dist(setup.rank, setup.gpus, 0, DEVICE), setup.layout(), init=False)
+        parts = _parts(model, plan, setup)
+        log(f"parallelized in {time.time() - t0:.1f}s")
+        groups, _ = plan.param_groups(lambda keep: param_groups(model, 0.1, keep))
+        pairs = []
+        if setup.zero == 1:
+            groups, pairs = _zero1_shards(groups, _dp_of(setup))
+        opt = AdamWBF16Moments(groups, lr=1e-4) if setup.bf16_moments else \
+            torch.optim.AdamW(groups, lr=1e-4, fused=True)  # fused: the trainer's on CUDA
+        with mode:
+            ids = torch.zeros(setup.micro_batch, setup.seq_len, dtype=torch.long, device=DEVICE)
+            hidden = torch.zeros(setup.micro_batch, setup.seq_len, args.hidden_size, device=DEVICE)
+        wire = _AllToAllBytes()
+        steps = []
+        for _ in range(setup.steps):
+            steps.append(_step(model, plan, parts, opt, pairs, ids, hidden, wire))
+            log(f"step {len(steps)} in {time.time() - t0:.1f}s")
+        result = _figures(args, setup, model, plan, parts, steps[-1])
+        result["seconds"] = time.time() - t0
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _step(model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
+    """One training step of one micro-batch through this rank's stages, measured."""
+    tracker = _Tracker()
+    tracker.track_external(*[p["module"] for p in parts], opt)
+    act, outs = {}, []
+    wire.sent = 0
+    with tracker, balanced_routing(), gpu_attention(), wire.counting():
+        base = tracker.now("Parameter", "Buffer")
+        opt_before = tracker.now("Optstate")
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the trainer's autocast on GPUs
+            for part in parts:
+                before = tracker.now("Activation")
+                m = part["module"]
+                if plan.pp is None:
+                    out = m(ids, labels=ids).loss
+                elif part["first"]:
+                    out = m(ids)
+                else:  # the activations received from the previous stage (the pipeline's recv buffer)
+                    out = m(hidden.clone().requires_grad_(), ids)
+                if plan.pp is not None and part["last"]:
+                    out = plan.pp.loss(out, ids)
+                outs.append(out)
+                act[part["stage"]] = tracker.now("Activation") - before
+        for part, out in reversed(list(zip(parts, outs))):
+            if part["last"]:
+                out.backward()
+            else:
+                x = out[0]
+                x.backward(torch.zeros_like(x))  # the gradient the next stage sends back
+        del outs, out
+        if plan.pp is not None:
+            plan.pp.sync_grads()  # tied embedding copies, the data-parallel mean
+        if plan.ep is not None:
+            plan.ep.reduce_grads(model)
+        if plan.pp is not None:  # the gradient norm the trainer clips by (without reading it: no values)
+            plan.pp.grad_norm(plan.ep)
+        elif plan.ep is not None:
+            plan.ep.grad_norm_sq(model).sqrt()
+        else:
+            plan.clip_grads(opt, 0.0)
+        grads = tracker.now("Gradient")
+        tracker.phase = "opt"
+        for s, p in pairs:
+            s.grad = p.grad.view(-1)[:s.numel()]
+        opt.step()
+        opt_bytes = tracker.now("Optstate")
+        opt.zero_grad(set_to_none=True)
+        for _, p in pairs:
+            p.grad = None
+    return {"params": base, "grads": grads, "opt": opt_bytes, "opt_before": opt_before, "act": act,
+            "most": dict(tracker.most), "a2a_sent": wire.sent}
+
+
+def _figures(args: ModelArgs, setup: Setup, model, plan, parts, m: dict) -> dict:
+    """The measured step's numbers, the in-flight activations, the estimate of the rank's peak and the verdict."""
+    if plan.pp is not None:
+        counts, _ = in_flight(plan.pp.schedule, plan.pp.pp_rank)
+        counts = {s: counts.get(s, 0) for s in m["act"]}
+    else:
+        counts = {s: 1 for s in m["act"]}
+    held_act = sum(counts[s] * a for s, a in m["act"].items())
+    # forward + backward: the most held apart from the gradients, plus all the gradients (accumulated over the
+    # micro-batches of a step), plus the micro-batches in flight beyond the one measured
+    fb = m["most"].get("fb_no_grads", 0) + m["grads"] + held_act - sum(m["act"].values())
+    opt_peak = m["most"].get("opt", 0)
+    total = max(fb, opt_peak)
+    at_opt = opt_peak > fb
+    kinds = {"parameters": m["params"], "gradients": m["grads"], "optimizer": m["opt"],
+             "activations": 0 if at_opt else held_act}
+    kinds["working"] = total - sum(kinds.values())
+    limit = setup.gpu_memory_gib * GIB
+    moe_layers = sum(isinstance(getattr(b, "mlp", None), torch.nn.Module) and hasattr(b.mlp, "gate")
+                     for p in parts for b in list(model.layers[p["layers"][0]:p["layers"][1]])
+                     + ([mm.block for mm in model.mtp] if p["mtp"] else []))
+    p = count_params(args)
+    return {
+        "setup": asdict(setup), "model_params": p["total"], "model_params_with_mtp": p["total_with_mtp"],
+        "stages": [{"stage": x["stage"], "layers": list(x["layers"]), "first": x["first"], "last": x["last"],
+                    "mtp": x["mtp"]} for x in parts],
+        "pp_rank": plan.pp.pp_rank if plan.pp is not None else 0, "ep_rank": setup.rank % setup.ep,
+        "dp": setup.gpus // setup.pp, "expert_dp": setup.gpus // setup.pp // setup.ep,
+        "pp_microbatches": setup.layout().pp_microbatches if setup.pp > 1 else 1,
+        "activations_per_microbatch": m["act"], "in_flight": counts, "held_params": _held_numel(plan, model),
+        "bytes": kinds, "total": total, "peak_phase": "optimizer step" if at_opt else "forward/backward",
+        "limit": limit, "fits": total <= limit,
+        "flops_per_microbatch": _flops(model, parts, args, setup), "tokens_per_microbatch":
+            setup.micro_batch * setup.seq_len, "moe_layers": moe_layers,
+        "a2a_bytes_per_microbatch": m["a2a_sent"], "a2a_v3_format": _v3_wire(args, setup, moe_layers),
+        "assumed": ["balanced routing: every expert receives tokens x K/E (fake tensors hold no routing)"]
+        + (["micro-batches in flight from torch's schedule order, times the activations measured for one"]
+           if setup.pp > 1 else [])
+        + (["ZeRO-1: the optimizer steps this rank's 1/dp slice of each parameter"] if setup.zero == 1 else []),
+    }
+
+
+def _held_numel(plan, model) -> int:
+    """Parameters this rank holds (an FSDP shard counts its local part; a tied copy once)."""
+    params = plan.pp.parameters() if plan.pp is not None else list(model.parameters())
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params if not p.is_meta)
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+
+def verdict(r: dict) -> str:
+    gib, limit = r["total"] / GIB, r["limit"] / GIB
+    if r["fits"]:
+        return f"fits: {gib:.1f} GiB of {limit:g} GiB ({100 * gib / limit:.0f}%)"
+    return f"does not fit: needs {gib:.1f} GiB of {limit:g} GiB, {gib - limit:.1f} GiB over"
+
+
+def format_report(r: dict, name: str) -> str:
+    s = r["setup"]
+    g = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
+    lines = [f"nanoseek plan: {name} ({human(r['model_params'])} parameters, {human(r['model_params_with_mtp'])} "
+             f"with MTP) on {s['gpus']:,} GPUs of {s['gpu_memory_gib']:g} GiB"]
+    dp = r["dp"]
+    layout = [f"PP {s['pp']} ({s['pp_schedule']}, {r['pp_microbatches']} micro-batches a step)"] if s["pp"] > 1 else []
+    layout.append(f"DP {dp}" + (f" with EP {s['ep']} inside (experts replicated {r['expert_dp']}x)"
+                                if s["ep"] > 1 else ""))
+    layout.append(f"ZeRO-{s['zero']}")
+    layout += [f"AC {s['ac']}"] + (["FP8"] if s["fp8"] else []) + (["bf16 moments"] if s["bf16_moments"] else [])
+    lines.append(f"  layout      {', '.join(layout)}")
+    stages = "; ".join(f"stage {x['stage']}: layers {x['layers'][0]}-{x['layers'][1] - 1}"
+                       + (" + embedding" if x["first"] else "") + (" + head" if x["last"] else "")
+                       + (" + MTP" if x["mtp"] else "") for x in r["stages"])
+    lines.append(f"  rank {s['rank']:<6} pp rank {r['pp_rank']}, ep rank {r['ep_rank']}: {stages}; "
+                 f"{human(r['held_params'])} parameters held")
+    lines.append(f"  simulated   {s['steps']} training steps of one micro-batch of {s['micro_batch']} x "
+                 f"{s['seq_len']} tokens on fake tensors, fake process group of {s['gpus']:,} ranks, "
+                 f"in {r['seconds']:.0f} s")
+    b = r["bytes"]
+    act = r["activations_per_microbatch"]
+    per = " + ".join(f"{a / GIB:.2f}" for a in act.values())
+    counts = " + ".join(f"{r['in_flight'][st]} x {a / GIB:.2f}" for st, a in act.items())
+    opt_how = {0: "measured, whole", 1: f"measured on this rank's ZeRO-1 slice (1/{dp} of dense parameters, "
+                                        f"1/{r['expert_dp']} of expert shards)",
+               3: "measured, FSDP2 shards"}[s["zero"]]
+    mom = "bf16 moments" if s["bf16_moments"] else "fp32 moments"
+    lines += ["", f"  memory at the peak ({r['peak_phase']}), GiB",
+              f"    parameters    {g(b['parameters'])}   measured (fp32 master weights, buffers)",
+              f"    gradients     {g(b['gradients'])}   measured (fp32)",
+              f"    optimizer     {g(b['optimizer'])}   {opt_how}, AdamW {mom}",
+              f"    activations   {g(b['activations'])}   measured {per} per micro-batch"
+              + (f" (stages {', '.join(map(str, act))})" if len(act) > 1 else "")
+              + (f"; in flight: {counts}" if s["pp"] > 1 else ""),
+              f"    working       {g(b['working'])}   measured: the step's temporaries (activation gradients, "
+              f"recomputation, casts)",
+              f"    total         {g(r['total'])}   of {s['gpu_memory_gib']:g}", "",
+              f"  {verdict(r)}", ""]
+    lines.append(f"  compute     {r['flops_per_microbatch'] / 1e12:.1f} TFLOP per micro-batch on this rank "
+                 f"({r['tokens_per_microbatch']:,} tokens; 6 x active parameters + attention, recomputation not "
+                 f"counted)")
+    if r["moe_layers"] and s["ep"] > 1:
+        line = (f"  all-to-all  {r['a2a_bytes_per_microbatch'] / 1e9:.2f} GB sent to other ranks per micro-batch "
+                f"by this rank's {r['moe_layers']} MoE layers (forward + backward, the dtypes the code sends)")
+        lines.append(line)
+        v3 = r["a2a_v3_format"]
+        if v3:
+            lines.append(f"              in V3's formats (FP8 dispatch, BF16 combine, node-limited; comm_model): "
+                         f"{v3['ib'] / 1e9:.2f} GB over IB + {v3['nvlink'] / 1e9:.2f} GB over NVLink")
+    for a in r["assumed"]:
+        lines.append(f"  assumed     {a}")
+    return "\n".join(lines)
