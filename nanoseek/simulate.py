@@ -50,8 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import _ComputationType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -156,7 +157,8 @@ def _balanced_plan(self, indices):
 def _balanced_bincount(x, weights=None, minlength=0):
     """torch.bincount of routed expert ids (the FP8 experts' segments) -> balanced counts, as real numbers."""
     assert weights is None and minlength > 0, "the routing's bincounts name their number of experts"
-    return torch.tensor(_even(x.numel(), minlength))
+    with unset_fake_temporarily():
+        return torch.tensor(_even(x.numel(), minlength))
 
 
 @contextlib.contextmanager
@@ -213,8 +215,9 @@ def _get(snap: dict, *kinds: str) -> int:
 
 
 class _Tracker(MemTracker):
-    """torch's MemTracker, also keeping, per phase of the step ("fb": forward and backward, "opt": the optimizer
-    step), the most memory held at once, with and without the gradients."""
+    """torch's MemTracker, keeping per phase of the step ("fb": forward and backward, "opt": the optimizer step) the
+    most memory held at once, with and without the gradients, in place of its per-module peaks (which cost a pass
+    over every module at every operation)."""
 
     def __init__(self):
         super().__init__()
@@ -222,11 +225,21 @@ class _Tracker(MemTracker):
         self.most = defaultdict(int)
 
     def _update_peak_stats(self, peak_state) -> None:
-        super()._update_peak_stats(peak_state)
         snap = self._curr_mem_snap
         total = _get(snap, "Total")
         self.most[self.phase] = max(self.most[self.phase], total)
         self.most[self.phase + "_no_grads"] = max(self.most[self.phase + "_no_grads"], total - _get(snap, "Gradient"))
+
+    @contextlib.contextmanager
+    def outside_fake(self):
+        """Still tracking, with the fake mode off: what the code creates from nothing is real (an optimizer's step
+        counter, which it reads as a number), what it derives from fake tensors fake."""
+        with unset_fake_temporarily():
+            entry, self._fake_mode_on_entry = self._fake_mode_on_entry, None
+            try:
+                yield
+            finally:
+                self._fake_mode_on_entry = entry
 
     def now(self, *kinds: str) -> int:
         return _get(self.get_tracker_snapshot(), *kinds)
@@ -269,6 +282,18 @@ def _zero1_shards(groups: list[dict], dp_of) -> tuple[list[dict], list[tuple[nn.
             params.append(s)
         out.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": params})
     return out, pairs
+
+
+def _by_kind(groups: list[dict]) -> list[dict]:
+    """Each group split into its FSDP2 shards (DTensors) and its plain tensors (EP's expert shards, which FSDP2
+    leaves alone): torch's fused AdamW refuses a group that mixes them."""
+    out = []
+    for g in groups:
+        for dt in (True, False):
+            ps = [p for p in g["params"] if isinstance(p, DTensor) == dt]
+            if ps:
+                out.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": ps})
+    return out
 
 
 # ---- the simulation ------------------------------------------------------------------------------------------------
@@ -359,6 +384,8 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
         pairs = []
         if setup.zero == 1:
             groups, pairs = _zero1_shards(groups, _dp_of(setup))
+        if setup.zero == 3:
+            groups = _by_kind(groups)
         opt = AdamWBF16Moments(groups, lr=1e-4) if setup.bf16_moments else \
             torch.optim.AdamW(groups, lr=1e-4, fused=True)  # fused: the trainer's on CUDA
         with mode:
@@ -367,7 +394,7 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
         wire = _AllToAllBytes()
         steps = []
         for _ in range(setup.steps):
-            steps.append(_step(model, plan, parts, opt, pairs, ids, hidden, wire))
+            steps.append(_step(mode, model, plan, parts, opt, pairs, ids, hidden, wire))
             log(f"step {len(steps)} in {time.time() - t0:.1f}s")
         result = _figures(args, setup, model, plan, parts, steps[-1])
         result["seconds"] = time.time() - t0
@@ -376,13 +403,13 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
         dist.destroy_process_group()
 
 
-def _step(model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
+def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
     """One training step of one micro-batch through this rank's stages, measured."""
     tracker = _Tracker()
     tracker.track_external(*[p["module"] for p in parts], opt)
     act, outs = {}, []
     wire.sent = 0
-    with tracker, balanced_routing(), gpu_attention(), wire.counting():
+    with mode, tracker, balanced_routing(), gpu_attention(), wire.counting():
         base = tracker.now("Parameter", "Buffer")
         opt_before = tracker.now("Optstate")
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the trainer's autocast on GPUs
@@ -420,7 +447,8 @@ def _step(model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
         tracker.phase = "opt"
         for s, p in pairs:
             s.grad = p.grad.view(-1)[:s.numel()]
-        opt.step()
+        with tracker.outside_fake():
+            opt.step()
         opt_bytes = tracker.now("Optstate")
         opt.zero_grad(set_to_none=True)
         for _, p in pairs:

@@ -191,3 +191,18 @@ def test_fsdp2_with_ep_halves_each_ranks_memory(data, tmp_path):
     assert state["sharded"] <= 0.55 * state["one"]  # the tensors: deterministic
     assert held["sharded"] <= 0.8 * held["one"]  # the process (allocator and runtime noise: 0.56-0.67x measured)
     assert built < held["sharded"]
+
+
+def test_saved_at_ep_2_with_redundant_experts_resumes_at_world_1(data, tmp_path):
+    """DCP: saved under EP 2 with 2 redundant slots placed by EPLB (each rank writing the logical experts it holds),
+    resumed by one process: the same run; and OUT/model, written by both ranks (each its own experts), is whole."""
+    from tests.test_pipeline import cut_at
+    common = ["pretrain", "--data", str(data), "--max-steps", "6", *SMALL, "--save-every", "3"]
+    torchrun(*common, "--out", str(tmp_path / "ep"), "--batch-size", "2", "--ep", "2", "--ep-redundant", "2",
+             "--eplb-every", "2")
+    cut_at(tmp_path / "ep", tmp_path / "one")
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4", "--resume", "auto"]) == 0
+    same_run(tmp_path / "ep", tmp_path / "one", 1e-5, 1e-3)
+    index = json.loads((tmp_path / "ep" / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2  # one file per rank
+    assert sum(".experts." in k and k.endswith("down_proj.weight") for k in index["weight_map"]) == 4 * 16  # 3 layers + MTP

@@ -86,3 +86,29 @@ def test_pp_resume_is_the_same_run(runs):
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert x["loss"] == y["loss"] and x["mtp_loss"] == y["mtp_loss"], (x, y)
+
+
+def cut_at(src, dst, step: int = 3):
+    """A copy of run `src` as it was when its step-`step` checkpoint was the newest (killed then)."""
+    shutil.copytree(src, dst)
+    for p in (dst / "checkpoints").glob("step_*"):
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    shutil.rmtree(dst / "model")
+    (dst / "ledger.json").unlink()
+
+
+def test_saved_at_world_2_resumes_under_pp_2(runs):
+    """DCP: saved by 2 data-parallel ranks (each writing its part, in the background: --async-save) at step 3,
+    resumed on 2 ranks as PP 2 (each rank reading only its stage): still the one-process run."""
+    root, common = runs
+    torchrun(*common[:-1], "2", "--out", str(root / "dp_async"), "--save-every", "3", "--async-save")
+    cut_at(root / "dp_async", root / "dp_to_pp")
+    torchrun(*common, "--out", str(root / "dp_to_pp"), "--save-every", "3", "--pp", "2", "--pp-microbatches", "4",
+             "--resume", "auto")
+    a, b, c = metrics(root / "one"), metrics(root / "dp_async"), metrics(root / "dp_to_pp")
+    assert len(a) == len(b) == len(c) == 6
+    for x, y, z in zip(a, b, c):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["loss"] - z["loss"]) <= 1e-5 * x["loss"]
+    wa, wc = (read_published(p / "model") for p in (root / "one", root / "dp_to_pp"))
+    assert wa.keys() == wc.keys() and max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-3
