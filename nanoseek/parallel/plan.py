@@ -90,6 +90,7 @@ class Plan:
         self.mesh = self.ep = self.pp = None
         self.wrapped = model
         self.data_rank, self.data_world = layout.data_ranks(d)
+        self.save_group = None  # DCP's gloo group, made at the first save
 
     # ---- the optimizer's parameters ----
     def param_groups(self, groups_of) -> tuple[list[dict], list[list[str]] | None]:
@@ -150,9 +151,12 @@ class Plan:
         return {"eplb_rank_load_max_over_mean": [round(v, 3) for v in before_after]} if before_after else {}
 
     # ---- the state on disk ----
-    def state_dict(self, opt: torch.optim.Optimizer) -> dict:
-        """This rank's part of the weights and of AdamW's state, as DCP saves it (parallel/state.py)."""
-        return state.state_dict(self, opt)
+    def save(self, opt: torch.optim.Optimizer, path, background: bool = False):
+        """This rank's part of the weights and of AdamW's state into the DCP checkpoint directory `path`, every rank
+        together (parallel/state.py); background: -> a future (DCP's async_save)."""
+        if self.save_group is None:  # (collective: every rank saves together)
+            self.save_group = state.checkpoint_group()
+        return state.save(self, opt, path, background, self._save_group)
 
     def load(self, opt: torch.optim.Optimizer, path) -> None:
         """A DCP checkpoint, written under any layout, into this rank's part of the model and its optimizer."""

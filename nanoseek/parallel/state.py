@@ -15,6 +15,7 @@ holds, so that the files on disk are the same whatever the layout:
 The last pipeline stage's copy of the embedding is saved and loaded as `embed_tokens.weight` (it equals it).
 """
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,6 +77,24 @@ def state_dict(plan, opt) -> dict:
         return _targets(plan, opt)[0]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# one process is a world of its own (no_dist below); DCP warns about it all the same
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def save(plan, opt, path: Path, background: bool = False, group=None):
+    """Every rank writes its part into the directory `path` (all ranks together). background: DCP's async_save, the
+    state copied first and written by a thread -> a future to wait on (None when written already)."""
+    sd = state_dict(plan, opt)
+    if background:
+        return dcp.async_save(sd, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
+    dcp.save(sd, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
+    return None
+
+
 @torch.no_grad()
 def load(plan, opt, path: Path) -> None:
     """Read a DCP checkpoint into this rank's part of the model and into the optimizer (its state made first, by a
@@ -83,7 +102,7 @@ def load(plan, opt, path: Path) -> None:
     prime(opt)
     sd, after = _targets(plan, opt, load=True)
     try:
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
     except Exception as e:  # DCP raises CheckpointException / RuntimeError naming the key
         first = str(e).strip().splitlines()
         raise NanoseekError(f"cannot resume from {path}: {first[-1] if first else type(e).__name__}") from None
@@ -135,6 +154,4 @@ def read(path: Path, prefix: str = MODEL) -> dict[str, torch.Tensor]:
 def checkpoint_group():
     """A gloo process group for DCP's own collectives (its metadata exchange; for async_save, from a background
     thread, which must not share a communicator with the training step's collectives)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo") if _distributed() else None

@@ -241,7 +241,7 @@ def main(args) -> dict:
         if run.due(args.eval_every):
             last_eval = eval_and_sample(run, evals, tok, problems)
         if run.due(args.save_every):
-            run.checkpoint({"loader": train.state_dict(), "tokens": tokens}, tok)
+            run.checkpoint({"loader": train.state_dict(), "tokens": tokens})
     result = run.finish(tok)
     if run.main:
         summary(run, result, last_eval, meta)

@@ -284,7 +284,7 @@ def main(args) -> dict:
             evaluate(run, tok, eval_pool, rewards)
         if run.due(args.save_every):
             run.checkpoint({"order": dict(order.state), "nonzero": nonzero, "totals": totals,
-                            "reward_errors": {rw.name: rw.errors for rw in rewards}}, tok)
+                            "reward_errors": {rw.name: rw.errors for rw in rewards}})
     result = run.finish(tok)
     errs = {rw.name: rw.errors for rw in rewards if rw.errors}
     run.print(f"model: {run.out / 'model'}  ({run.step} GRPO steps, {result['wall_seconds'] / 60:.1f} min, rollouts "

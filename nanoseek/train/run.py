@@ -27,14 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
 from nanoseek.model import from_pretrained
 from nanoseek.parallel import Layout, all_reduce, barrier, init_distributed, parallelize
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
-from nanoseek.parallel.state import checkpoint_group
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, complete_checkpoint,
                                    load_optimizer_groups, new_checkpoint_dir, param_groups, resume_latest, rng_state)
 
@@ -198,7 +196,6 @@ class Run:
         self.step, self.skipped, self.wall_before = 0, 0, 0.0
         self.resuming, self.resumed, self._resume_from, self._opt_groups = False, False, None, None
         self._pending = None  # a checkpoint being written in the background (--async-save)
-        self._ckpt_group = None
         self.cost = lambda wall: {}  # wall seconds -> the stage's ledger fields (tokens, FLOPs, ...): the trainer's
         self.autocast = autocast_for(self.d.device)
         self.tracker_libs = Trackers.require(args)  # before anything is written
@@ -340,7 +337,7 @@ class Run:
         return self.wall_before + time.time() - self.t_start
 
     # ---- checkpoints, ledger, the end ----
-    def checkpoint(self, state: dict, tok=None) -> None:
+    def checkpoint(self, state: dict) -> None:
         """A complete training checkpoint: each rank's part of the weights and AdamW's state written by DCP (all
         ranks together; in the background with --async-save), then the trainer's loop state, RNG and counters
         (train_state.json, written last) and the rename that makes it complete; then the ledger."""
@@ -357,14 +354,7 @@ class Run:
             box = [str(tmp) if tmp else None]
             dist.broadcast_object_list(box, src=0)
             tmp = Path(box[0])
-            self._ckpt_group = self._ckpt_group or checkpoint_group()
-        sd = self.plan.state_dict(self.opt)
-        if getattr(self.args, "async_save", False):
-            future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self._ckpt_group,
-                                    no_dist=not self.d.enabled)
-        else:
-            dcp.save(sd, checkpoint_id=str(tmp), process_group=self._ckpt_group, no_dist=not self.d.enabled)
-            future = None
+        future = self.plan.save(self.opt, tmp, background=getattr(self.args, "async_save", False))
         self._pending = (future, tmp, self.step, st)
         if future is None:
             self.wait_for_save()

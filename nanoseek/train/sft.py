@@ -136,7 +136,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
             run.log({"val_loss": v}, log="eval")
             run.write(f"step {run.step}: val loss {v:.3f}")
         if run.due(args.save_every):
-            run.checkpoint({"loader": loader.state_dict(), "tokens": tokens}, tok)
+            run.checkpoint({"loader": loader.state_dict(), "tokens": tokens})
     result = run.finish(tok)
     run.print(f"model: {run.out / 'model'}  ({run.step} steps, {tokens:,} target tokens, "
               f"{result['wall_seconds'] / 60:.1f} min)")
