@@ -285,6 +285,21 @@ def cmd_cost_cluster(args):
         print(f"plot -> {args.plot}")
 
 
+def cmd_plan(args):
+    """`nanoseek plan`: one rank's training steps under a layout, on fake tensors (nanoseek/simulate.py); the figures
+    either way, and exit status 3 with the verdict on stderr when the layout does not fit (1: a mistake in the
+    flags, 2: argparse's usage errors)."""
+    from nanoseek import simulate
+    margs = _model_args(args)
+    setup = simulate.Setup(**{k: getattr(args, k) for k in simulate.Setup.__dataclass_fields__})
+    r = simulate.simulate(margs, setup)
+    r["model"] = args.config or args.preset
+    print(json.dumps(r) if args.json else simulate.format_report(r, r["model"]))
+    if not r["fits"]:
+        print(f"nanoseek plan: {simulate.verdict(r)}", file=sys.stderr)
+        sys.exit(3)
+
+
 # ---- parser --------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,6 +452,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of the step-time table: SMs reserved for communication (default 4..48 and the model's)")
     g.add_argument("--plot", default=None, help="write step time against the SMs for communication as a PNG here")
     sp.set_defaults(fn=cmd_cost)
+
+    sp = sub.add_parser("plan", help="does a training layout fit in GPU memory? one rank's training steps simulated "
+                                     "on fake tensors: parameters, gradients, optimizer states, activations; exit "
+                                     "status 3 when it does not fit")
+    model_source(sp, checkpoint=False)
+    from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
+    from nanoseek.parallel.pipeline import SCHEDULES
+    sp.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) of the run (default 8)")
+    sp.add_argument("--ep", type=int, default=1, help="expert-parallel degree, within the data-parallel ranks")
+    sp.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    sp.add_argument("--pp-schedule", default="1f1b", choices=list(SCHEDULES),
+                    help="pipeline schedule (its in-flight micro-batches come from torch's own order)")
+    sp.add_argument("--pp-microbatches", type=int, default=0,
+                    help="micro-batches per step under PP (default: twice the pipeline's stages)")
+    sp.add_argument("--zero", type=int, default=1, choices=[0, 1, 3],
+                    help="data-parallel sharding: 0 none (DDP), 1 optimizer states (V3's), 3 FSDP2 (default 1)")
+    sp.add_argument("--ac", default="none", choices=list(AC_MODES), help="activation checkpointing (default none)")
+    sp.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    sp.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    sp.add_argument("--fp8", action="store_true", help="FP8 GEMMs as V3 (activations cached in FP8)")
+    sp.add_argument("--bf16-moments", action="store_true", help="AdamW moments in bf16, as V3")
+    sp.add_argument("--gpu-memory-gib", type=float, default=80.0, help="one GPU's memory (default 80: H800/H100)")
+    sp.add_argument("--rank", type=int, default=0,
+                    help="the rank to simulate (default 0: the first pipeline stage, and under the V schedules the "
+                         "last too)")
+    sp.add_argument("--steps", type=int, default=2,
+                    help="training steps simulated (default 2: the first allocates the optimizer state)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("chat", help="chat with a checkpoint: streamed, thinking shown apart (one-shot or interactive)")
     from nanoseek.chat import add_args as chat_args

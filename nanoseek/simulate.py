@@ -42,6 +42,7 @@ What a fake run cannot give is accounted from those measurements, and the output
 import contextlib
 import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from unittest import mock
@@ -61,6 +62,7 @@ from nanoseek.config import ModelArgs
 from nanoseek.cost import attention_flops_per_token, count_params, human
 from nanoseek.errors import NanoseekError
 from nanoseek.model import build_model
+from nanoseek.model.moe import MoE
 from nanoseek.parallel import Dist, Layout, parallelize
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
 from nanoseek.parallel.expert_parallel import EPExperts
@@ -376,7 +378,8 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
         with mode:
             model = build_model(args, device="meta")  # fake meta tensors: parallelize materialises them as fakes
         log(f"built on meta in {time.time() - t0:.1f}s")
-        with _swappable(mode):
+        with _swappable(mode), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")  # torch's, on build_mesh's "dp"
             plan = parallelize(model, Dist(setup.rank, setup.gpus, 0, DEVICE), setup.layout(), init=False)
         parts = _parts(model, plan, setup)
         log(f"parallelized in {time.time() - t0:.1f}s")
@@ -406,12 +409,11 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
 def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
     """One training step of one micro-batch through this rank's stages, measured."""
     tracker = _Tracker()
-    tracker.track_external(*[p["module"] for p in parts], opt)
+    tracker.track_external(model, *[p["module"] for p in parts], opt)  # all it holds, used by a stage or not
     act, outs = {}, []
     wire.sent = 0
     with mode, tracker, balanced_routing(), gpu_attention(), wire.counting():
-        base = tracker.now("Parameter", "Buffer")
-        opt_before = tracker.now("Optstate")
+        params, buffers = tracker.now("Parameter"), tracker.now("Buffer")
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the trainer's autocast on GPUs
             for part in parts:
                 before = tracker.now("Activation")
@@ -446,124 +448,157 @@ def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
         grads = tracker.now("Gradient")
         tracker.phase = "opt"
         for s, p in pairs:
-            s.grad = p.grad.view(-1)[:s.numel()]
+            s.grad = p.grad.view(-1)[:s.numel()] if p.grad is not None else None
         with tracker.outside_fake():
             opt.step()
         opt_bytes = tracker.now("Optstate")
         opt.zero_grad(set_to_none=True)
         for _, p in pairs:
             p.grad = None
-    return {"params": base, "grads": grads, "opt": opt_bytes, "opt_before": opt_before, "act": act,
+    return {"params": params, "buffers": buffers, "grads": grads, "opt": opt_bytes, "act": act,
             "most": dict(tracker.most), "a2a_sent": wire.sent}
 
 
 def _figures(args: ModelArgs, setup: Setup, model, plan, parts, m: dict) -> dict:
     """The measured step's numbers, the in-flight activations, the estimate of the rank's peak and the verdict."""
+    counts = {s: 1 for s in m["act"]}
     if plan.pp is not None:
-        counts, _ = in_flight(plan.pp.schedule, plan.pp.pp_rank)
-        counts = {s: counts.get(s, 0) for s in m["act"]}
-    else:
-        counts = {s: 1 for s in m["act"]}
+        at_peak, _ = in_flight(plan.pp.schedule, plan.pp.pp_rank)
+        counts = {s: at_peak.get(s, 0) for s in m["act"]}
     held_act = sum(counts[s] * a for s, a in m["act"].items())
-    # forward + backward: the most held apart from the gradients, plus all the gradients (accumulated over the
-    # micro-batches of a step), plus the micro-batches in flight beyond the one measured
+    # forward + backward: the most held apart from the gradients, plus every gradient (accumulated over the
+    # micro-batches of a step), plus the micro-batches in flight beyond the one measured per stage
     fb = m["most"].get("fb_no_grads", 0) + m["grads"] + held_act - sum(m["act"].values())
-    opt_peak = m["most"].get("opt", 0)
+    opt_peak = m["most"].get("opt", 0)  # after the last micro-batch's backward: no activations left
     total = max(fb, opt_peak)
     at_opt = opt_peak > fb
-    kinds = {"parameters": m["params"], "gradients": m["grads"], "optimizer": m["opt"],
+    kinds = {"parameters": m["params"] + m["buffers"], "gradients": m["grads"], "optimizer": m["opt"],
              "activations": 0 if at_opt else held_act}
     kinds["working"] = total - sum(kinds.values())
-    limit = setup.gpu_memory_gib * GIB
-    moe_layers = sum(isinstance(getattr(b, "mlp", None), torch.nn.Module) and hasattr(b.mlp, "gate")
-                     for p in parts for b in list(model.layers[p["layers"][0]:p["layers"][1]])
-                     + ([mm.block for mm in model.mtp] if p["mtp"] else []))
+    moe_layers = sum(isinstance(b.mlp, MoE) for p in parts for b in
+                     list(model.layers[p["layers"][0]:p["layers"][1]]) + ([x.block for x in model.mtp] if p["mtp"]
+                                                                         else []))
+    notes = []
+    if plan.pp is not None and plan.pp.embed_copy is not None and not model.embed_tokens.weight.is_meta:
+        notes.append(f"this rank holds the embedding twice, the model's and the last stage's tied copy "
+                     f"(pipeline.py), {_size(4 * model.embed_tokens.weight.numel())} of fp32 parameters"
+                     + ("" if plan.pp.has_first else ", the model's unused by any stage it runs"))
+    if setup.zero == 3 and setup.ep > 1:
+        notes.append("AdamW's groups are split into FSDP2 shards and expert shards: torch's fused (and foreach) AdamW "
+                     "refuses a group mixing DTensors and plain tensors, as the trainer's would on CUDA")
     p = count_params(args)
     return {
         "setup": asdict(setup), "model_params": p["total"], "model_params_with_mtp": p["total_with_mtp"],
-        "stages": [{"stage": x["stage"], "layers": list(x["layers"]), "first": x["first"], "last": x["last"],
-                    "mtp": x["mtp"]} for x in parts],
+        "stages": [{k: x[k] for k in ("stage", "layers", "first", "last", "mtp")} for x in parts],
         "pp_rank": plan.pp.pp_rank if plan.pp is not None else 0, "ep_rank": setup.rank % setup.ep,
         "dp": setup.gpus // setup.pp, "expert_dp": setup.gpus // setup.pp // setup.ep,
         "pp_microbatches": setup.layout().pp_microbatches if setup.pp > 1 else 1,
-        "activations_per_microbatch": m["act"], "in_flight": counts, "held_params": _held_numel(plan, model),
-        "bytes": kinds, "total": total, "peak_phase": "optimizer step" if at_opt else "forward/backward",
-        "limit": limit, "fits": total <= limit,
-        "flops_per_microbatch": _flops(model, parts, args, setup), "tokens_per_microbatch":
-            setup.micro_batch * setup.seq_len, "moe_layers": moe_layers,
+        "held_params": _held_numel(plan, model), "param_bytes": m["params"], "buffer_bytes": m["buffers"],
+        "activations_per_microbatch": m["act"], "in_flight": counts, "bytes": kinds, "total": total,
+        "peak_phase": "optimizer step" if at_opt else "forward/backward",
+        "limit": setup.gpu_memory_gib * GIB, "fits": total <= setup.gpu_memory_gib * GIB,
+        "flops_per_microbatch": _flops(model, parts, args, setup),
+        "tokens_per_microbatch": setup.micro_batch * setup.seq_len, "moe_layers": moe_layers,
         "a2a_bytes_per_microbatch": m["a2a_sent"], "a2a_v3_format": _v3_wire(args, setup, moe_layers),
-        "assumed": ["balanced routing: every expert receives tokens x K/E (fake tensors hold no routing)"]
-        + (["micro-batches in flight from torch's schedule order, times the activations measured for one"]
-           if setup.pp > 1 else [])
-        + (["ZeRO-1: the optimizer steps this rank's 1/dp slice of each parameter"] if setup.zero == 1 else []),
+        "assumed": _assumed(setup, plan), "notes": notes,
     }
 
 
+def _assumed(setup: Setup, plan) -> list[str]:
+    out = []
+    if setup.ep > 1 or setup.fp8:
+        out.append("balanced routing: every expert receives tokens x K/E (fake tensors hold no routing)")
+    if plan.pp is not None:
+        out.append(f"in flight: torch's {setup.pp_schedule} order for pp rank {plan.pp.pp_rank} "
+                   f"({setup.layout().pp_microbatches} micro-batches), times the activations measured for one")
+    if setup.zero == 1:
+        out.append("ZeRO-1 (the trainer has DDP and FSDP2, not ZeRO-1): the optimizer steps a 1/dp slice of each "
+                   "parameter")
+    return out
+
+
 def _held_numel(plan, model) -> int:
-    """Parameters this rank holds (an FSDP shard counts its local part; a tied copy once)."""
-    params = plan.pp.parameters() if plan.pp is not None else list(model.parameters())
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params if not p.is_meta)
+    """Parameters this rank holds, its stages' or not (an FSDP2 shard counts its local part; a tied one once)."""
+    params = {id(p): p for p in list(model.parameters()) + (plan.pp.parameters() if plan.pp is not None else [])}
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params.values() if not p.is_meta)
 
 
 # ---- output ---------------------------------------------------------------------------------------------------------
 
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
 def verdict(r: dict) -> str:
-    gib, limit = r["total"] / GIB, r["limit"] / GIB
+    """'fits: X GiB of 80 GiB (Y%)' or 'does not fit: needs X GiB of 80 GiB, Z GiB over'."""
+    total, limit = r["total"], r["limit"]
     if r["fits"]:
-        return f"fits: {gib:.1f} GiB of {limit:g} GiB ({100 * gib / limit:.0f}%)"
-    return f"does not fit: needs {gib:.1f} GiB of {limit:g} GiB, {gib - limit:.1f} GiB over"
+        share = 100 * total / limit
+        return f"fits: {_size(total)} of {limit / GIB:g} GiB ({share:.0f}%)" if share >= 1 else \
+            f"fits: {_size(total)} of {limit / GIB:g} GiB ({share:.2g}%)"
+    return f"does not fit: needs {_size(total)} of {limit / GIB:g} GiB, {_size(total - limit)} over"
+
+
+def _textbook(r: dict) -> str:
+    """The in-flight count the schedule's paper gives, beside torch's."""
+    s = r["setup"]
+    if s["pp_schedule"] == "1f1b":
+        return f"; 1F1B: PP - pp rank = {s['pp'] - r['pp_rank']}"
+    if s["pp_schedule"] == "dualpipev":
+        return f"; DualPipe's PP + 1, V3 report Table 2, with PP = {2 * s['pp']} stages: {2 * s['pp'] + 1}"
+    return ""
 
 
 def format_report(r: dict, name: str) -> str:
-    s = r["setup"]
-    g = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
-    lines = [f"nanoseek plan: {name} ({human(r['model_params'])} parameters, {human(r['model_params_with_mtp'])} "
-             f"with MTP) on {s['gpus']:,} GPUs of {s['gpu_memory_gib']:g} GiB"]
-    dp = r["dp"]
-    layout = [f"PP {s['pp']} ({s['pp_schedule']}, {r['pp_microbatches']} micro-batches a step)"] if s["pp"] > 1 else []
-    layout.append(f"DP {dp}" + (f" with EP {s['ep']} inside (experts replicated {r['expert_dp']}x)"
-                                if s["ep"] > 1 else ""))
-    layout.append(f"ZeRO-{s['zero']}")
-    layout += [f"AC {s['ac']}"] + (["FP8"] if s["fp8"] else []) + (["bf16 moments"] if s["bf16_moments"] else [])
-    lines.append(f"  layout      {', '.join(layout)}")
-    stages = "; ".join(f"stage {x['stage']}: layers {x['layers'][0]}-{x['layers'][1] - 1}"
-                       + (" + embedding" if x["first"] else "") + (" + head" if x["last"] else "")
-                       + (" + MTP" if x["mtp"] else "") for x in r["stages"])
-    lines.append(f"  rank {s['rank']:<6} pp rank {r['pp_rank']}, ep rank {r['ep_rank']}: {stages}; "
-                 f"{human(r['held_params'])} parameters held")
-    lines.append(f"  simulated   {s['steps']} training steps of one micro-batch of {s['micro_batch']} x "
-                 f"{s['seq_len']} tokens on fake tensors, fake process group of {s['gpus']:,} ranks, "
-                 f"in {r['seconds']:.0f} s")
-    b = r["bytes"]
+    s, b, dp = r["setup"], r["bytes"], r["dp"]
+    layout = [f"PP {s['pp']} ({s['pp_schedule']}, {r['pp_microbatches']} micro-batches a step) x DP {dp}"
+              if s["pp"] > 1 else f"DP {dp}"]
+    if s["ep"] > 1:
+        layout.append(f"EP {s['ep']} within DP (each expert on {r['expert_dp']} rank{'s' * (r['expert_dp'] > 1)})")
+    layout += [f"ZeRO-{s['zero']}", f"AC {s['ac']}"] + ["FP8"] * s["fp8"] + ["bf16 moments"] * s["bf16_moments"]
+    stages = ", ".join(f"stage {x['stage']} (layers {x['layers'][0]}-{x['layers'][1] - 1}"
+                       + ", embedding" * x["first"] + ", head" * x["last"] + ", MTP" * x["mtp"] + ")"
+                       for x in r["stages"])
     act = r["activations_per_microbatch"]
-    per = " + ".join(f"{a / GIB:.2f}" for a in act.values())
-    counts = " + ".join(f"{r['in_flight'][st]} x {a / GIB:.2f}" for st, a in act.items())
-    opt_how = {0: "measured, whole", 1: f"measured on this rank's ZeRO-1 slice (1/{dp} of dense parameters, "
-                                        f"1/{r['expert_dp']} of expert shards)",
-               3: "measured, FSDP2 shards"}[s["zero"]]
-    mom = "bf16 moments" if s["bf16_moments"] else "fp32 moments"
-    lines += ["", f"  memory at the peak ({r['peak_phase']}), GiB",
-              f"    parameters    {g(b['parameters'])}   measured (fp32 master weights, buffers)",
-              f"    gradients     {g(b['gradients'])}   measured (fp32)",
-              f"    optimizer     {g(b['optimizer'])}   {opt_how}, AdamW {mom}",
-              f"    activations   {g(b['activations'])}   measured {per} per micro-batch"
-              + (f" (stages {', '.join(map(str, act))})" if len(act) > 1 else "")
-              + (f"; in flight: {counts}" if s["pp"] > 1 else ""),
-              f"    working       {g(b['working'])}   measured: the step's temporaries (activation gradients, "
-              f"recomputation, casts)",
-              f"    total         {g(r['total'])}   of {s['gpu_memory_gib']:g}", "",
-              f"  {verdict(r)}", ""]
-    lines.append(f"  compute     {r['flops_per_microbatch'] / 1e12:.1f} TFLOP per micro-batch on this rank "
-                 f"({r['tokens_per_microbatch']:,} tokens; 6 x active parameters + attention, recomputation not "
-                 f"counted)")
-    if r["moe_layers"] and s["ep"] > 1:
-        line = (f"  all-to-all  {r['a2a_bytes_per_microbatch'] / 1e9:.2f} GB sent to other ranks per micro-batch "
-                f"by this rank's {r['moe_layers']} MoE layers (forward + backward, the dtypes the code sends)")
-        lines.append(line)
-        v3 = r["a2a_v3_format"]
-        if v3:
-            lines.append(f"              in V3's formats (FP8 dispatch, BF16 combine, node-limited; comm_model): "
-                         f"{v3['ib'] / 1e9:.2f} GB over IB + {v3['nvlink'] / 1e9:.2f} GB over NVLink")
-    for a in r["assumed"]:
-        lines.append(f"  assumed     {a}")
+    unit, div = ("GiB", GIB) if r["total"] >= GIB else ("MiB", 1 << 20)
+    per = ", ".join(f"stage {st} {a / div:.2f}" for st, a in act.items())
+    flight = ""
+    if s["pp"] > 1:
+        n = r["in_flight"]
+        flight = (f"; x in flight {' and '.join(str(n[st]) for st in act)} ({sum(n.values())} in all"
+                  f"{_textbook(r)})")
+    opt = {0: "whole (DDP)", 1: f"of this rank's ZeRO-1 slices (1/{dp} of each dense parameter"
+                                + (f", 1/{r['expert_dp']} of each expert shard)" if s["ep"] > 1 else ")"),
+           3: "of this rank's FSDP2 shards"}[s["zero"]]
+    g = lambda x: f"{x / div:9.2f}"  # noqa: E731
+    lines = [
+        f"nanoseek plan: {name}, {human(r['model_params'])} parameters ({human(r['model_params_with_mtp'])} with "
+        f"MTP), on {s['gpus']:,} GPUs of {s['gpu_memory_gib']:g} GiB",
+        f"  layout      {'; '.join(layout)}",
+        f"  rank {s['rank']:<6} pp rank {r['pp_rank']}, ep rank {r['ep_rank']}: {stages}; "
+        f"{human(r['held_params'])} parameters",
+        f"  simulated   {s['steps']} training steps, each one micro-batch of {s['micro_batch']} x {s['seq_len']:,} "
+        f"tokens, on fake tensors under a fake process group of {s['gpus']:,} ranks: {r['seconds']:.0f} s",
+        "", f"  memory at the peak ({r['peak_phase']}), {unit}",
+        f"    parameters {g(b['parameters'])}   measured: fp32 master weights and buffers",
+        f"    gradients  {g(b['gradients'])}   measured: fp32",
+        f"    optimizer  {g(b['optimizer'])}   measured: AdamW's {'bf16' if s['bf16_moments'] else 'fp32'} "
+        f"moments {opt}",
+        f"    activations{g(b['activations'])}   measured per micro-batch: {per}{flight}",
+        f"    working    {g(b['working'])}   measured: the step's temporaries (activation gradients, "
+        f"recomputation, casts)",
+        f"    total      {g(r['total'])}",
+        "", f"  {verdict(r)}", "",
+        f"  compute     {human(r['flops_per_microbatch'], 'FLOP')} per micro-batch on this rank "
+        f"({r['tokens_per_microbatch']:,} tokens; 6 x active parameters + attention, recomputation not counted)",
+    ]
+    if s["ep"] > 1 and r["moe_layers"]:
+        lines.append(f"  all-to-all  {r['a2a_bytes_per_microbatch'] / 1e9:.2f} GB per micro-batch sent to other ranks "
+                     f"by this rank's {r['moe_layers']} MoE layers (forward and backward, recomputation included, "
+                     f"in the dtypes this code sends)")
+        if r["a2a_v3_format"]:
+            v3 = r["a2a_v3_format"]
+            lines.append(f"              in V3's wire formats (FP8 dispatch, BF16 combine, node-limited routing; "
+                         f"comm_model): {v3['ib'] / 1e9:.2f} GB over IB + {v3['nvlink'] / 1e9:.2f} GB over NVLink")
+    lines += [f"  assumed     {a}" for a in r["assumed"]] + [f"  note        {n}" for n in r["notes"]]
     return "\n".join(lines)

@@ -156,7 +156,7 @@ class Plan:
         together (parallel/state.py); background: -> a future (DCP's async_save)."""
         if self.save_group is None:  # (collective: every rank saves together)
             self.save_group = state.checkpoint_group()
-        return state.save(self, opt, path, background, self._save_group)
+        return state.save(self, opt, path, background, self.save_group)
 
     def load(self, opt: torch.optim.Optimizer, path) -> None:
         """A DCP checkpoint, written under any layout, into this rank's part of the model and its optimizer."""
