@@ -14,9 +14,9 @@ size (torch's `fake` backend: every collective returns at once):
        that layout would on the chosen rank (EP's expert slots, FP8, AC, the pipeline stages it holds, or FSDP2's
        shards) and materialises only that part, as fake tensors;
     2. `steps` training steps (the first allocates the optimizer state, the last is the one reported), each one
-       micro-batch of micro_batch x seq_len tokens forward and backward through the rank's stages under bf16 autocast
-       (the trainer's mode on GPUs: fp32 master weights), the gradients reduced as the trainer reduces them, then
-       AdamW (torch's fused one, or `AdamWBF16Moments`);
+       micro-batch of micro_batch x seq_len tokens forward and backward through the rank's stages, each forward in
+       its own bf16 autocast region (the trainer's mode on GPUs: fp32 master weights and gradients), the gradients
+       reduced as the trainer reduces them, then AdamW (torch's fused one, or `AdamWBF16Moments`);
     3. torch's MemTracker sorts every live tensor into parameters, gradients, optimizer states, activations and
        temporaries, after each phase and at every operation.
 
@@ -37,6 +37,9 @@ What a fake run cannot give is accounted from those measurements, and the output
   simulation calls the memory-efficient kernel (`gpu_attention`).
 - the device: the fake tensors sit on the CPU device. A CPU build of torch creates fake CUDA tensors, but its
   autograd engine aborts the process on their backward (no CUDA device guard is compiled in); sizes are the same.
+
+Not counted: the CUDA context, NCCL's and the pipeline's communication buffers, the caching allocator's rounding and
+fragmentation (together a few GiB on a real GPU), and whatever lives off the GPU (V3's EMA).
 """
 
 import contextlib
@@ -137,7 +140,7 @@ class Setup:
         self.layout().check(self.gpus)
 
 
-# ---- stand-ins for what fake tensors cannot give (used by the simulation only) ----------------------------------------
+# ---- stand-ins for what fake tensors cannot give (used by the simulation only) ---------------------------------------
 
 def _even(n: int, parts: int) -> list[int]:
     """n split into `parts` counts as equal as they can be."""
@@ -413,11 +416,13 @@ def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
     act, outs = {}, []
     wire.sent = 0
     with mode, tracker, balanced_routing(), gpu_attention(), wire.counting():
-        params, buffers = tracker.now("Parameter"), tracker.now("Buffer")
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the trainer's autocast on GPUs
-            for part in parts:
-                before = tracker.now("Activation")
-                m = part["module"]
+        params, buffers, opt_before = tracker.now("Parameter"), tracker.now("Buffer"), tracker.now("Optstate")
+        for part in parts:
+            before = tracker.now("Activation")
+            m = part["module"]
+            # the trainer's bf16 autocast on GPUs, one region per forward: leaving it frees the weights' bf16 casts
+            # it caches, which AC does not keep and which are no activations of the micro-batch
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 if plan.pp is None:
                     out = m(ids, labels=ids).loss
                 elif part["first"]:
@@ -426,8 +431,8 @@ def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
                     out = m(hidden.clone().requires_grad_(), ids)
                 if plan.pp is not None and part["last"]:
                     out = plan.pp.loss(out, ids)
-                outs.append(out)
-                act[part["stage"]] = tracker.now("Activation") - before
+            outs.append(out)
+            act[part["stage"]] = tracker.now("Activation") - before
         for part, out in reversed(list(zip(parts, outs))):
             if part["last"]:
                 out.backward()
@@ -455,7 +460,8 @@ def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
         opt.zero_grad(set_to_none=True)
         for _, p in pairs:
             p.grad = None
-    return {"params": params, "buffers": buffers, "grads": grads, "opt": opt_bytes, "act": act,
+    return {"params": params, "buffers": buffers, "grads": grads, "opt": opt_bytes, "opt_new": opt_bytes - opt_before,
+            "act": act,
             "most": dict(tracker.most), "a2a_sent": wire.sent}
 
 
@@ -467,8 +473,9 @@ def _figures(args: ModelArgs, setup: Setup, model, plan, parts, m: dict) -> dict
         counts = {s: at_peak.get(s, 0) for s in m["act"]}
     held_act = sum(counts[s] * a for s, a in m["act"].items())
     # forward + backward: the most held apart from the gradients, plus every gradient (accumulated over the
-    # micro-batches of a step), plus the micro-batches in flight beyond the one measured per stage
-    fb = m["most"].get("fb_no_grads", 0) + m["grads"] + held_act - sum(m["act"].values())
+    # micro-batches of a step), plus the micro-batches in flight beyond the one measured per stage, plus the
+    # optimizer state where this step made it (a first step's forward and backward run before it exists)
+    fb = m["most"].get("fb_no_grads", 0) + m["grads"] + held_act - sum(m["act"].values()) + m["opt_new"]
     opt_peak = m["most"].get("opt", 0)  # after the last micro-batch's backward: no activations left
     total = max(fb, opt_peak)
     at_opt = opt_peak > fb
@@ -494,10 +501,13 @@ def _figures(args: ModelArgs, setup: Setup, model, plan, parts, m: dict) -> dict
         "dp": setup.gpus // setup.pp, "expert_dp": setup.gpus // setup.pp // setup.ep,
         "pp_microbatches": setup.layout().pp_microbatches if setup.pp > 1 else 1,
         "held_params": _held_numel(plan, model), "param_bytes": m["params"], "buffer_bytes": m["buffers"],
-        "activations_per_microbatch": m["act"], "in_flight": counts, "bytes": kinds, "total": total,
+        "activations_per_microbatch": m["act"], "in_flight": counts, "activations_in_flight": held_act,
+        "bytes": kinds, "total": total,
         "peak_phase": "optimizer step" if at_opt else "forward/backward",
         "limit": setup.gpu_memory_gib * GIB, "fits": total <= setup.gpu_memory_gib * GIB,
         "flops_per_microbatch": _flops(model, parts, args, setup),
+        "flops_per_step": _flops(model, parts, args, setup) * (setup.layout().pp_microbatches if setup.pp > 1 else 1),
+        "a2a_bytes_per_step": m["a2a_sent"] * (setup.layout().pp_microbatches if setup.pp > 1 else 1),
         "tokens_per_microbatch": setup.micro_batch * setup.seq_len, "moe_layers": moe_layers,
         "a2a_bytes_per_microbatch": m["a2a_sent"], "a2a_v3_format": _v3_wire(args, setup, moe_layers),
         "assumed": _assumed(setup, plan), "notes": notes,
@@ -550,6 +560,7 @@ def _textbook(r: dict) -> str:
 
 
 def format_report(r: dict, name: str) -> str:
+    """`nanoseek plan`'s answer: the layout, the rank, its memory by kind and how each was had, the verdict."""
     s, b, dp = r["setup"], r["bytes"], r["dp"]
     layout = [f"PP {s['pp']} ({s['pp_schedule']}, {r['pp_microbatches']} micro-batches a step) x DP {dp}"
               if s["pp"] > 1 else f"DP {dp}"]
@@ -571,12 +582,14 @@ def format_report(r: dict, name: str) -> str:
                                 + (f", 1/{r['expert_dp']} of each expert shard)" if s["ep"] > 1 else ")"),
            3: "of this rank's FSDP2 shards"}[s["zero"]]
     g = lambda x: f"{x / div:9.2f}"  # noqa: E731
+    mtp = f" ({human(r['model_params_with_mtp'])} with MTP)" if r["model_params_with_mtp"] > r["model_params"] else ""
+    where = [f"pp rank {r['pp_rank']}"] * (s["pp"] > 1) + [f"ep rank {r['ep_rank']}"] * (s["ep"] > 1)
     lines = [
-        f"nanoseek plan: {name}, {human(r['model_params'])} parameters ({human(r['model_params_with_mtp'])} with "
-        f"MTP), on {s['gpus']:,} GPUs of {s['gpu_memory_gib']:g} GiB",
+        f"nanoseek plan: {name}, {human(r['model_params'])} parameters{mtp}, on {s['gpus']:,} GPUs of "
+        f"{s['gpu_memory_gib']:g} GiB",
         f"  layout      {'; '.join(layout)}",
-        f"  rank {s['rank']:<6} pp rank {r['pp_rank']}, ep rank {r['ep_rank']}: {stages}; "
-        f"{human(r['held_params'])} parameters",
+        f"  rank {s['rank']:<6} {', '.join(where) + ': ' if where else ''}{stages}; {human(r['held_params'])} "
+        f"parameters",
         f"  simulated   {s['steps']} training steps, each one micro-batch of {s['micro_batch']} x {s['seq_len']:,} "
         f"tokens, on fake tensors under a fake process group of {s['gpus']:,} ranks: {r['seconds']:.0f} s",
         "", f"  memory at the peak ({r['peak_phase']}), {unit}",
@@ -589,16 +602,21 @@ def format_report(r: dict, name: str) -> str:
         f"recomputation, casts)",
         f"    total      {g(r['total'])}",
         "", f"  {verdict(r)}", "",
-        f"  compute     {human(r['flops_per_microbatch'], 'FLOP')} per micro-batch on this rank "
-        f"({r['tokens_per_microbatch']:,} tokens; 6 x active parameters + attention, recomputation not counted)",
+        f"  compute     {human(r['flops_per_microbatch'], 'FLOP')} per micro-batch on this rank ("
+        + (f"{human(r['flops_per_step'], 'FLOP')} per step of {r['pp_microbatches']}; " if s["pp"] > 1 else "")
+        + f"{r['tokens_per_microbatch']:,} tokens each; 6 x active parameters + attention, recomputation not "
+          f"counted)",
     ]
     if s["ep"] > 1 and r["moe_layers"]:
         lines.append(f"  all-to-all  {r['a2a_bytes_per_microbatch'] / 1e9:.2f} GB per micro-batch sent to other ranks "
-                     f"by this rank's {r['moe_layers']} MoE layers (forward and backward, recomputation included, "
-                     f"in the dtypes this code sends)")
+                     + (f"({r['a2a_bytes_per_step'] / 1e9:.1f} GB per step) " if s["pp"] > 1 else "")
+                     + f"by this rank's {r['moe_layers']} MoE layers (forward and backward, recomputation included, "
+                       f"in the dtypes this code sends)")
         if r["a2a_v3_format"]:
             v3 = r["a2a_v3_format"]
             lines.append(f"              in V3's wire formats (FP8 dispatch, BF16 combine, node-limited routing; "
                          f"comm_model): {v3['ib'] / 1e9:.2f} GB over IB + {v3['nvlink'] / 1e9:.2f} GB over NVLink")
     lines += [f"  assumed     {a}" for a in r["assumed"]] + [f"  note        {n}" for n in r["notes"]]
+    lines.append("  not counted the CUDA context, NCCL and pipeline buffers, allocator rounding and fragmentation "
+                 "(a few GiB on a real GPU)")
     return "\n".join(lines)

@@ -46,13 +46,24 @@ class Transformer(nn.Module):
     # ---- forward ----
     def hidden(self, input_ids, positions=None, mask=None):
         """input_ids [B, T] -> final normed hidden states [B, T, D], and (cos, sin)."""
+        cos, sin = self.rope(input_ids, positions)
+        x = self.blocks(self.embed_tokens(input_ids), cos, sin, mask)
+        return self.norm(x), (cos, sin)
+
+    def rope(self, input_ids, positions=None):
+        """The rotary (cos, sin) of positions [B, T] (default 0 .. T-1 of input_ids [B, T])."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        cos, sin = self.rotary(positions)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        return self.rotary(positions)
+
+    def blocks(self, x, cos, sin, mask=None, layers=None, after=None):
+        """x [B, T, D] through the decoder blocks (`layers`: a slice of them, a pipeline stage's), `after(block, x)`
+        applied to each one's output (a pipeline stage joins the MoE balance loss to the backward there)."""
+        for layer in self.layers if layers is None else layers:
             x = layer(x, cos, sin, mask)
-        return self.norm(x), (cos, sin)
+            if after is not None:
+                x = after(layer, x)
+        return x
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, positions=None, mask=None):
         """input_ids [B, T] -> logits [B, T, V]. With labels [B, T] (labels[t] = input_ids[t+1], -100 ignored) ->
@@ -100,13 +111,18 @@ class Transformer(nn.Module):
                                   absorb, length)
         return self.lm_head(module.shared_head.norm(x[:, -1]))
 
-    def mtp_forward(self, h, input_ids, cos, sin) -> list[torch.Tensor]:
-        """Logits of each MTP depth k: position t predicts x_{t+k+1} from h^{k-1}_t and Emb(x_{t+k}); [B, T-k, V]."""
+    def mtp_forward(self, h, input_ids, cos, sin, embed=None, after=None) -> list[torch.Tensor]:
+        """Logits of each MTP depth k: position t predicts x_{t+k+1} from h^{k-1}_t and Emb(x_{t+k}); [B, T-k, V].
+        embed: the shared embedding (default the model's; a pipeline's last stage passes its tied copy); after: as
+        in `blocks`, on each MTP module's output."""
         T, out = input_ids.shape[1], []
+        embed = self.embed_tokens if embed is None else embed
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
-            h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos[..., : T - k, :], sin[..., : T - k, :])
+            h = module(h[:, : T - k], embed(input_ids[:, k:]), cos[..., : T - k, :], sin[..., : T - k, :])
+            if after is not None:
+                h = after(module.block, h)
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 

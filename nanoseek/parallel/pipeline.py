@@ -60,34 +60,42 @@ def stage_bounds(L: int, S: int) -> list[int]:
     return [round(i * L / S) for i in range(S + 1)]
 
 
-def held_by(model, schedule: str, pp: int, pp_rank: int):
-    """name -> whether the pp rank's stages hold that parameter (its layers; the embedding on the first stage and on
-    the last, whose tied copy and MTP module use it; the final norm, head and MTP module on the last)."""
+def holders(model, schedule: str, pp: int):
+    """name -> the pp ranks whose stages hold that model tensor, the one holding the canonical copy first: a layer's
+    stage; the embedding on the first stage, and on the last (whose tied copy and MTP module use it); the final
+    norm, head and MTP module on the last; anything else on every rank."""
     owner = stage_ranks(schedule, pp)
     S = len(owner)
     bounds = stage_bounds(len(model.layers), S)
-    mine = [s for s in range(S) if owner[s] == pp_rank]
-    layers = {i for s in mine for i in range(bounds[s], bounds[s + 1])}
-    first, last = 0 in mine, S - 1 in mine
+    layer = {i: owner[s] for s in range(S) for i in range(bounds[s], bounds[s + 1])}
+    first, last = owner[0], owner[S - 1]
 
-    def held(name: str) -> bool:
+    def ranks(name: str) -> tuple[int, ...]:
         if name.startswith("layers."):
-            return int(name.split(".")[1]) in layers
+            return (layer[int(name.split(".")[1])],)
         if name.startswith("embed_tokens."):
-            return first or last
+            return (first,) if last == first else (first, last)
         if name.startswith(("norm.", "lm_head.", "mtp.")):
-            return last
-        return True
-    return held
+            return (last,)
+        return tuple(range(pp))
+    return ranks
+
+
+def held_by(model, schedule: str, pp: int, pp_rank: int):
+    """name -> whether the pp rank's stages hold that parameter (see holders)."""
+    ranks = holders(model, schedule, pp)
+    return lambda name: pp_rank in ranks(name)
 
 
 class Stage(nn.Module):
-    """Layers [lo, hi) of the model; the first stage embeds, the last ends with norm, head and MTP, returning
-    the loss-bearing tensors. Its inputs: (input_ids,) on the first stage, else (x, input_ids)."""
+    """Layers [lo, hi) of the model, run by the model's own pieces (Transformer.rope, blocks, norm, lm_head,
+    mtp_forward); the first stage embeds, the last ends with norm, head and MTP, returning the loss-bearing tensors.
+    Its inputs: (input_ids,) on the first stage, else (x, input_ids)."""
 
     def __init__(self, model, lo: int, hi: int, first: bool, last: bool, embed: nn.Embedding | None):
         super().__init__()
         self.first, self.last = first, last
+        self.model = (model,)  # not a submodule: the stage holds (and the schedule steps) only its own parameters
         self.vocab = model.args.vocab_size
         self.calls = []  # per forward call of the current step: each MoE layer's routed-token counts
         self.layers = nn.ModuleList(model.layers[lo:hi])
@@ -96,7 +104,16 @@ class Stage(nn.Module):
         if last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
 
+    def _balance(self, block, x):
+        """A block's MoE balance loss into the backward (through AuxLoss: a stage's output is not the loss)."""
+        moe = getattr(block, "mlp", None)
+        if getattr(moe, "balance_loss", None) is not None and self.training:
+            x = AuxLoss.apply(x, moe.balance_loss)
+            moe.balance_loss = None
+        return x
+
     def forward(self, *inputs):
+        model = self.model[0]
         before = [load.clone() for load in self.loads()]
         if self.first:
             (ids,) = inputs
@@ -105,33 +122,15 @@ class Stage(nn.Module):
             x, ids = inputs
             # clamped: torch.pipelining's runtime shape inference runs each stage once on uninitialised buffers
             ids = ids.long().clamp(0, self.vocab - 1)
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        cos, sin = self.rotary(positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-            moe = getattr(layer, "mlp", None)
-            if getattr(moe, "balance_loss", None) is not None and self.training:
-                x = AuxLoss.apply(x, moe.balance_loss)
-                moe.balance_loss = None
+        cos, sin = model.rope(ids)
+        x = model.blocks(x, cos, sin, layers=self.layers, after=self._balance)
         if not self.last:
-            self.calls.append([after - b for after, b in zip(self.loads(), before)])  # this call's routed tokens
-            return x, ids.clone()  # (a copy: the received buffer is a view, which zero-bubble schedules cannot detach)
-        h = self.norm(x)
-        logits = self.lm_head(h)
-        if not len(self.mtp):
-            self.calls.append([after - b for after, b in zip(self.loads(), before)])
-            return logits
-        mtp = []
-        for k, module in enumerate(self.mtp, start=1):  # as Transformer.mtp_forward
-            T = ids.shape[1]
-            h = module(h[:, :T - k], self.embed_tokens(ids[:, k:]), cos[..., :T - k, :], sin[..., :T - k, :])
-            moe = getattr(module.block, "mlp", None)
-            if getattr(moe, "balance_loss", None) is not None and self.training:
-                h = AuxLoss.apply(h, moe.balance_loss)
-                moe.balance_loss = None
-            mtp.append(self.lm_head(module.shared_head.norm(h)))
-        self.calls.append([after - b for after, b in zip(self.loads(), before)])
-        return (logits, *mtp)
+            out = (x, ids.clone())  # (a copy: the received buffer is a view, which zero-bubble schedules cannot detach)
+        else:
+            h = model.norm(x)
+            out = (model.lm_head(h), *model.mtp_forward(h, ids, cos, sin, self.embed_tokens, self._balance))
+        self.calls.append([after - b for after, b in zip(self.loads(), before)])  # this call's routed tokens
+        return out[0] if len(out) == 1 else out
 
     def loads(self) -> list[torch.Tensor]:
         """The routed-token counts of this stage's MoE layers (the MTP module's too, on the last)."""
@@ -160,7 +159,7 @@ class Pipeline:
         self.pp_rank, self.dp_rank = rank // self.dp, rank % self.dp  # pp outermost: rank = pp_rank * dp + dp_rank
         self.mtp_weight, self.microbatches, self.model, self.device = mtp_weight, microbatches, model, device
         bounds = stage_bounds(L, S)
-        self.layer_owner = {i: owner[s] for s in range(S) for i in range(bounds[s], bounds[s + 1])}
+        self.holders = holders(model, schedule, pp)
         self.last_owner = owner[S - 1]
         mine = [s for s in range(S) if owner[s] == self.pp_rank]
         self.has_first, self.has_last = 0 in mine, S - 1 in mine
@@ -278,14 +277,8 @@ class Pipeline:
         return sq.sqrt().float()
 
     def owner(self, name: str) -> int:
-        """The pp rank whose stages hold the model tensor `name` (state-dict name)."""
-        if name.startswith("layers."):
-            return self.layer_owner[int(name.split(".")[1])]
-        if name.startswith("embed_tokens."):
-            return 0
-        if name.startswith(("norm.", "lm_head.", "mtp.")):
-            return self.last_owner
-        return self.pp_rank  # replicated (e.g. rotary tables): every rank's own
+        """The pp rank whose stages hold the canonical copy of the model tensor `name` (state-dict name)."""
+        return self.holders(name)[0]
 
     def full_state(self, sd: dict) -> dict:
         """The model's state dict with every tensor as its owning stage holds it (broadcast within the pp group)."""
@@ -293,17 +286,7 @@ class Pipeline:
         for name, t in sd.items():  # (what this rank does not hold is a buffer to receive into)
             # (on the training device: the owner sends from there, and nccl and gloo cannot meet in one broadcast)
             t = torch.empty(t.shape, dtype=t.dtype, device=self.device) if t.is_meta else t.detach().clone()
-            src = self.owner(name)
-            if src != self.pp_rank or name.startswith(("layers.", "embed_tokens.", "norm.", "lm_head.", "mtp.")):
-                dist.broadcast(t, group_src=src, group=self.pp_group)
+            if len(self.holders(name)) < self.pp:  # (what every rank holds is its own already)
+                dist.broadcast(t, group_src=self.owner(name), group=self.pp_group)
             out[name] = t
         return out
-
-    def full_optimizer(self, tensors: dict) -> dict:
-        """Every pp rank's optimizer tensors (keyed by parameter name) merged."""
-        parts = [None] * self.pp
-        dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()}, group=self.pp_group)
-        merged = {}
-        for part in parts:
-            merged.update(part)
-        return merged
