@@ -70,6 +70,7 @@ from nanoseek.parallel import Dist, Layout, parallelize
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
 from nanoseek.parallel.expert_parallel import EPExperts
 from nanoseek.parallel.pipeline import SCHEDULES, stage_bounds, stage_ranks
+from nanoseek.parallel.plan import by_kind
 from nanoseek.train.common import AdamWBF16Moments, param_groups
 
 GIB = 1 << 30
@@ -289,18 +290,6 @@ def _zero1_shards(groups: list[dict], dp_of) -> tuple[list[dict], list[tuple[nn.
     return out, pairs
 
 
-def _by_kind(groups: list[dict]) -> list[dict]:
-    """Each group split into its FSDP2 shards (DTensors) and its plain tensors (EP's expert shards, which FSDP2
-    leaves alone): torch's fused AdamW refuses a group that mixes them."""
-    out = []
-    for g in groups:
-        for dt in (True, False):
-            ps = [p for p in g["params"] if isinstance(p, DTensor) == dt]
-            if ps:
-                out.append({**{k: v for k, v in g.items() if k not in ("params", "names")}, "params": ps})
-    return out
-
-
 # ---- the simulation ------------------------------------------------------------------------------------------------
 
 def _parts(model, plan, setup: Setup) -> list[dict]:
@@ -391,7 +380,7 @@ def simulate(args: ModelArgs, setup: Setup, log=lambda msg: None) -> dict:
         if setup.zero == 1:
             groups, pairs = _zero1_shards(groups, _dp_of(setup))
         if setup.zero == 3:
-            groups = _by_kind(groups)
+            groups = by_kind(groups)
         opt = AdamWBF16Moments(groups, lr=1e-4) if setup.bf16_moments else \
             torch.optim.AdamW(groups, lr=1e-4, fused=True)  # fused: the trainer's on CUDA
         with mode:
@@ -487,9 +476,8 @@ def _figures(args: ModelArgs, setup: Setup, model, plan, parts, m: dict) -> dict
                                                                          else []))
     notes = []
     if plan.pp is not None and plan.pp.embed_copy is not None and not model.embed_tokens.weight.is_meta:
-        notes.append(f"this rank holds the embedding twice, the model's and the last stage's tied copy "
-                     f"(pipeline.py), {_size(4 * model.embed_tokens.weight.numel())} of fp32 parameters"
-                     + ("" if plan.pp.has_first else ", the model's unused by any stage it runs"))
+        notes.append(f"this rank holds the embedding twice, its first stage's and its last stage's tied copy "
+                     f"(pipeline.py), {_size(4 * model.embed_tokens.weight.numel())} of fp32 parameters")
     if setup.zero == 3 and setup.ep > 1:
         notes.append("AdamW's groups are split into FSDP2 shards and expert shards: torch's fused (and foreach) AdamW "
                      "refuses a group mixing DTensors and plain tensors, as the trainer's would on CUDA")

@@ -168,6 +168,8 @@ class Pipeline:
         self.embed_copy = None
         if self.has_last:
             self.embed_copy = nn.Embedding.from_pretrained(model.embed_tokens.weight.detach().clone(), freeze=False)
+            if not self.has_first:  # the model's own is the first stage's: not kept twice here
+                model.embed_tokens.weight = nn.Parameter(torch.empty_like(model.embed_tokens.weight, device="meta"))
         self.modules = []
         stages = []
         for s in mine:

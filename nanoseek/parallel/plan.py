@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from nanoseek import fp8
 from nanoseek.errors import NanoseekError
@@ -97,7 +98,7 @@ class Plan:
         """groups_of(keep_empty) -> AdamW's groups of the whole model (names beside params); this rank's share of
         them, and under PP every group's names (the checkpoint's grouping, whatever stages this rank holds)."""
         if self.pp is None:
-            return groups_of(False), None
+            return by_kind(groups_of(False)), None
         mine = {id(p) for p in self.pp.parameters()}
         groups = [{**g, "params": [p for p in g["params"] if id(p) in mine],
                    "names": [n for n, p in zip(g["names"], g["params"]) if id(p) in mine]}
@@ -186,6 +187,18 @@ class Plan:
         path, _, leaf = name.rpartition(".")
         module = self.model.get_submodule(path)
         module._parameters[leaf] = nn.Parameter(value, module._parameters[leaf].requires_grad)
+
+
+def by_kind(groups: list[dict]) -> list[dict]:
+    """Each AdamW group split into its FSDP2 shards (DTensors) and its plain tensors (EP's expert shards, which FSDP2
+    leaves alone): torch's fused and foreach AdamW refuse a group that mixes them (on CUDA the trainer's is fused)."""
+    out = []
+    for g in groups:
+        for dtensor in (True, False):
+            keep = [i for i, p in enumerate(g["params"]) if isinstance(p, DTensor) == dtensor]
+            if keep:
+                out.append({**g, **{k: [g[k][i] for i in keep] for k in ("params", "names") if k in g}})
+    return out
 
 
 def parallelize(model, d: Dist, layout: Layout, init: bool = True) -> Plan:

@@ -90,19 +90,17 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: 
 
 # ---- training checkpoints ------------------------------------------------------------------------------------------
 
-def load_optimizer_groups(opt: torch.optim.Optimizer, groups: list[dict], subset: bool = False) -> None:
+def load_optimizer_groups(opt: torch.optim.Optimizer, groups: list[dict]) -> None:
     """The saved groups' hyper-parameters (lr, betas, ...) into the optimizer's groups, each matched by its parameter
-    names. subset: this optimizer holds part of the model's parameters (a pipeline stage's), the checkpoint all."""
-    if subset:  # each of this rank's (non-empty) groups within the saved group that holds its names
-        mine = [g for g in opt.param_groups if g["names"]]
-        saved_groups = [next((s for s in groups if set(g["names"]) <= set(s["names"])), None) for g in mine]
-    else:
-        mine, saved_groups = opt.param_groups, groups
-    if len(saved_groups) != len(mine) or any(s is None for s in saved_groups):
-        raise NanoseekError("the checkpoint's optimizer has a different parameter grouping")
-    for g, saved in zip(mine, saved_groups):
-        if not subset and saved["names"] != g["names"]:
-            raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
+    names to the saved group that holds them (this rank may hold part of the model, a pipeline stage's, and its
+    layout may split the groups otherwise: parallel.plan.by_kind)."""
+    for g in opt.param_groups:
+        if not g["names"]:
+            continue
+        saved = next((s for s in groups if set(g["names"]) <= set(s["names"])), None)
+        if saved is None:
+            raise NanoseekError("the checkpoint's optimizer holds different parameters than this model (or groups "
+                                "them otherwise)")
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "names"})
 
 

@@ -265,7 +265,8 @@ def forward_backward(run: Run, fwd, wrapped, train: PackedLoader, accum: int) ->
     d = run.d
     if run.plan.pp is not None:  # the pipeline's schedule runs the forwards and backwards of its microbatches
         x, y = train.next()
-        return run.plan.pp.step(x.to(d.device), y.to(d.device))
+        with run.autocast():  # (bf16 on CUDA, as the forwards below; backward ops keep their forward's dtypes)
+            return run.plan.pp.step(x.to(d.device), y.to(d.device))
     sums = torch.zeros(4, device=d.device)  # lm, mtp, balance, total
     for micro in range(accum):
         x, y = train.next()

@@ -252,7 +252,7 @@ class Run:
             self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
                                          fused=self.d.device.type == "cuda")  # after wrapping: FSDP swaps parameters
         if self.resumed:  # the checkpoint's weights and AdamW state, each rank its part (any layout wrote it)
-            load_optimizer_groups(self.opt, self._opt_groups, subset=self.plan.pp is not None)
+            load_optimizer_groups(self.opt, self._opt_groups)
             self.plan.load(self.opt, self._resume_from)
         self.memory["peak_rss_after_build_gib"] = rss_gib()[1]  # the model built (and loaded), before any step
         # what a killed attempt logged past the checkpoint resumed from (all of it, when there was none) is dropped
