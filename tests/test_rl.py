@@ -353,3 +353,23 @@ def test_grpo_two_ranks_equal_one_process(sft_model, tmp_path):
         assert abs(x["entropy"] - y["entropy"]) < 1e-4 * abs(x["entropy"])
     wa, wb = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_sft_under_ep_2_loads_each_ranks_part_and_equals_ddp(base, tmp_path):
+    """sft builds the model on meta and each rank loads only its part of --init (its expert slots under --ep 2): the
+    same run as plain DDP on the same ranks (not one process exactly: each rank averages over its own assistant
+    tokens); and its final weights are --init's moved by 3 AdamW steps (a model not loaded from --init
+    would be far from them)."""
+    from tests.test_expert_parallel import torchrun
+    common = ["sft", "--init", str(base), "--examples", "60", "--max-steps", "3", "--seq-len", "128", "--threads", "1",
+              "--families", "chain_sum", "count_bits", "--batch-size", "2"]
+    torchrun(*common, "--out", str(tmp_path / "ddp"))
+    torchrun(*common, "--out", str(tmp_path / "ep"), "--ep", "2")
+    a, b = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("ddp", "ep"))
+    assert len(a) == len(b) == 3
+    from nanoseek.checkpoint import read_published
+    w0, w = read_published(base), read_published(tmp_path / "ep" / "model")
+    # AdamW moves a weight by about lr at most per step: 3 steps, lr up to 1e-3 (measured 3.0e-3)
+    assert w0.keys() == w.keys() and max((w0[k] - w[k]).abs().max().item() for k in w) < 3.5e-3
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"], (x, y)

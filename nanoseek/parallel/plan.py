@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek import fp8
 from nanoseek.errors import NanoseekError
 from nanoseek.parallel import activation_checkpoint, export, state
 from nanoseek.parallel.data_parallel import wrap
 from nanoseek.parallel.distributed import Dist, all_reduce, build_mesh
-from nanoseek.parallel.expert_parallel import EP
+from nanoseek.parallel.expert_parallel import EP, local_slice
 from nanoseek.parallel.materialize import materialize, on_meta
 from nanoseek.parallel.pipeline import Pipeline, held_by
 
@@ -167,6 +167,28 @@ class Plan:
         """OUT/model in the published layout, each rank writing what it holds (parallel/export.py)."""
         export.save_published(self, out, tokenizer, fp8)
 
+    @torch.no_grad()
+    def load_model_state(self, sd: dict) -> None:
+        """A whole state dict (nanoseek names, whole tensors on the host: a published checkpoint's) into this rank's
+        part: an expert shard takes its slots, an FSDP2 shard its rows, a stage held elsewhere nothing."""
+        own = self.model.state_dict(keep_vars=True)
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise NanoseekError(f"the checkpoint lacks {missing[0]}")
+        for name, t in own.items():
+            if t.is_meta:
+                continue
+            v = sd[name]
+            if getattr(t, "ep_module", None) is not None:
+                v = local_slice(v, t)
+            if isinstance(t, DTensor):
+                v = distribute_tensor(v.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+                t.to_local().copy_(v.to_local())
+            else:
+                t.copy_(v)
+        if self.pp is not None and self.pp.embed_copy is not None:
+            self.pp.embed_copy.weight.copy_(sd["embed_tokens.weight"])
+
     def sync_stages(self) -> None:
         """Under PP: every rank's model gets the weights of the stages it does not hold (evaluation and sampling
         run the whole model on one rank), until release_stages; the whole model is on each rank meanwhile."""
@@ -204,7 +226,7 @@ def by_kind(groups: list[dict]) -> list[dict]:
 def parallelize(model, d: Dist, layout: Layout, init: bool = True) -> Plan:
     """Apply the layout to `model` on this rank, in the module's order; call before the optimizer is built. A model
     on the meta device (build_model(..., device="meta")) is materialised here, only this rank's part of it, with the
-    one-process initial weights (init; without, left to be read: Plan.load)."""
+    one-process initial weights (init; without, left to be loaded: Plan.load, Plan.load_model_state)."""
     layout.check(d.world)
     plan = Plan(model, d, layout)
     meta = on_meta(model)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
-from nanoseek.model import from_pretrained
+from nanoseek.model import build_model, from_pretrained
 from nanoseek.parallel import Layout, all_reduce, barrier, init_distributed, parallelize
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, complete_checkpoint,
@@ -123,12 +123,19 @@ def prepare_run_dir(out: Path, identity: dict, resume: str, is_main: bool) -> bo
     return False
 
 
-def load_init(path, device) -> tuple:
-    """A checkpoint to train from: the model in fp32 (master weights) and its tokenizer."""
-    model = from_pretrained(path, device=device, dtype=torch.float32)
+def load_init(path, device, meta: bool = False) -> tuple:
+    """A checkpoint to train from: the model in fp32 (master weights) and its tokenizer. meta: the model on the meta
+    device, its weights read on the host and passed to Run.start (`weights=`), where each rank materialises and loads
+    only its part -> (model, tokenizer, weights)."""
+    model = from_pretrained(path, device="cpu" if meta else device, dtype=torch.float32)
     if model.tokenizer is None:
         raise NanoseekError(f"{path} has no tokenizer.json: training on chat data needs the model's tokenizer")
-    return model, model.tokenizer
+    if not meta:
+        return model, model.tokenizer
+    weights = model.state_dict()
+    shell = build_model(model.args, device="meta")
+    shell.tokenizer = model.tokenizer
+    return shell, model.tokenizer, weights
 
 
 class Trackers:
@@ -238,13 +245,17 @@ class Run:
 
     # ---- the loop ----
     def start(self, model, max_steps: int, lr: float, weight_decay: float, betas=(0.9, 0.95),
-              logs=("metrics.jsonl", "eval.jsonl")):
+              logs=("metrics.jsonl", "eval.jsonl"), weights: dict | None = None):
         """Parallelize the model for the ranks (the run's Layout: parallel.parallelize), build AdamW over its
         trainable parameters (its resumed state loaded), open the metric files, trackers and progress. Returns the
-        wrapped model to run forwards through."""
+        wrapped model to run forwards through. weights: a meta-device model's starting weights (load_init's), each
+        rank loading its part of them."""
         self.model, self.max_steps = model, max_steps
         # EP, FP8, AC, then PP or DDP/FSDP2, in that order; a meta-device model materialised rank by rank
-        self.plan = parallelize(model, self.d, self.layout, init=not self.resumed)
+        self.plan = parallelize(model, self.d, self.layout, init=not self.resumed and weights is None)
+        if weights is not None and not self.resumed:
+            self.plan.load_model_state(weights)
+        del weights
         groups, self._all_names = self.plan.param_groups(lambda keep: param_groups(model, weight_decay, keep))
         if getattr(self.args, "bf16_moments", False):
             self.opt = AdamWBF16Moments(groups, lr=lr, betas=betas, eps=1e-8)

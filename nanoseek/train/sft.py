@@ -92,7 +92,7 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     run = Run(args, "sft", out=run_dir)
     d = run.d
     init = Path(args.init)
-    model, tok = load_init(init, d.device)
+    model, tok, weights = load_init(init, d.device, meta=True)  # each rank loads its part in run.start
     rows = rows if rows is not None else load_rows(args)
     n_val = int(len(rows) * args.val_frac) if len(rows) > 20 else 0
     train_rows, val_rows = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
@@ -109,7 +109,8 @@ def main(args, rows: list[dict] | None = None, run_dir=None) -> dict:
     state = run.resume(model)
     if state:
         loader.load_state_dict(state["loader"])
-    policy = run.start(model.train(), args.max_steps, args.lr, args.weight_decay)
+    policy = run.start(model.train(), args.max_steps, args.lr, args.weight_decay, weights=weights)
+    del weights
     fpt = cost.flops_per_token(model.args, args.seq_len)["training"]
     tokens = state.get("tokens", 0)
     run.cost = lambda wall: {"tokens": tokens, "training_flops": fpt * tokens, "flops_per_token": fpt}
