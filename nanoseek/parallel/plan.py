@@ -118,13 +118,12 @@ class Plan:
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         if self.ep is not None:
             self.ep.reduce_grads(self.model)
+        # the norm over expert shards (each logical expert once, summed over the EP group) and pipeline stages (summed
+        # over the pp ranks) is theirs; the clipping torch's, per kind (one foreach cannot mix DTensors and tensors)
         norm = self.pp.grad_norm(self.ep) if self.pp is not None else self.ep.grad_norm_sq(self.model).sqrt()
-        coef = clip / (norm.item() + 1e-6)
-        if clip > 0 and coef < 1:  # as clip_grad_norm_ (which cannot mix the DTensor and plain gradients here)
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+        if clip > 0:
+            for g in by_kind(opt.param_groups):
+                torch.nn.utils.clip_grads_with_norm_(g["params"], clip, norm)
         return norm
 
     def vote(self, losses: dict, grad_norm: torch.Tensor, loads: list[torch.Tensor]):
