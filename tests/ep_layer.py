@@ -1,7 +1,7 @@
 """Run under torchrun (2 gloo ranks) by tests/test_expert_parallel.py: one MoE layer's routed experts under EP, the
 overlapped exchange (--ep-overlap) against the plain one under bf16 autocast, the trainer's mode on GPUs: the same
-output dtype and values, and the same gradients for the input, the gate weights and the experts. Prints one JSON line
-on rank 0."""
+output dtype and values, and the same gradients for the input, the gate weights and the experts; and the dtypes the
+exchanges carried (token rows, forward and backward). Prints one JSON line on rank 0."""
 
 import json
 
@@ -27,7 +27,14 @@ def main():
     with torch.no_grad():
         weights, indices, _ = moe.gate(x)
     dy = torch.randn(64, 128, dtype=torch.bfloat16)
-    results = {}
+    results, rows = {}, set()
+    send = dist.all_to_all_single
+
+    def recorded(out, inp, *a, **k):  # the dtype of every exchange of token rows (not of the counts)
+        if inp.dim() > 1:
+            rows.add(str(inp.dtype))
+        return send(out, inp, *a, **k)
+    dist.all_to_all_single = recorded
     for name in ("grouped", "overlapped"):
         xg, wg = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
         ex.zero_grad(set_to_none=True)
@@ -40,7 +47,7 @@ def main():
     diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in ("y", "dx", "dw", "gu", "down")}
     scale = {k: a[k].float().abs().max().item() for k in diff}
     out = {"dtype": [a["dtype"], b["dtype"]], "dx_dtype": [a["dx_dtype"], b["dx_dtype"]], "diff": diff,
-           "scale": scale}
+           "scale": scale, "sent": sorted(rows)}
     gathered = [None] * world
     dist.all_gather_object(gathered, out)
     if rank == 0:

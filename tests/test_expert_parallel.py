@@ -116,8 +116,9 @@ def test_ep_with_redundant_experts_replaced_by_eplb_equals_one_process(data, tmp
 
 
 def test_overlap_under_bf16_autocast():
-    """--ep-overlap under bf16 autocast (the trainer's mode on GPUs): the exchange's buffers take the dtype of what
-    they carry, and the result equals the plain exchange (output and input gradients exactly; expert gradients to
+    """--ep-overlap under bf16 autocast (the trainer's mode on GPUs): the tokens are dispatched in bf16 (the dtype the
+    experts compute in), the exchange's buffers take the dtype of what they carry, and the result equals the plain
+    exchange (output and input gradients exactly; expert gradients to
     bf16 rounding, summed over two micro-batches instead of one)."""
     exe = Path(sys.executable).parent / "torchrun"
     r = subprocess.run([str(exe), "--nproc_per_node", "2", str(Path(__file__).parent / "ep_layer.py")],
@@ -126,6 +127,7 @@ def test_overlap_under_bf16_autocast():
     for rank in json.loads(r.stdout.strip().splitlines()[-1]):
         assert rank["dtype"] == ["torch.bfloat16", "torch.bfloat16"]  # as EPExperts.grouped returns it
         assert rank["dx_dtype"] == ["torch.float32", "torch.float32"]  # the input's own dtype
+        assert rank["sent"] == ["torch.bfloat16"]  # every exchange in bf16, half the bytes of the fp32 stream
         for k in ("y", "dx", "dw"):
             assert rank["diff"][k] <= 1e-6 * rank["scale"][k], (k, rank)
         for k in ("gu", "down"):

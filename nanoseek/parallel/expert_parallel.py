@@ -55,6 +55,13 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return AllToAll.apply(x, out_splits, in_splits, group)
 
 
+def sent(x: torch.Tensor) -> torch.Tensor:
+    """The tokens as dispatched: under autocast in its dtype (bf16 on GPUs), which the experts' first matmul casts
+    them to anyway, so that the exchange carries half the bytes of the fp32 residual stream (V3 dispatches FP8)."""
+    dev = x.device.type
+    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+
+
 class EPExperts(Experts):
     """This rank's shard of the routed experts: gate_up_proj [S, 2I, D], down_proj [S, D, I], its S physical slots
     first .. first + S - 1 of the layer's P = E + R (S = P/N; without redundant experts slot = expert). phy2log,
@@ -102,6 +109,7 @@ class EPExperts(Experts):
         `overlap`, in two micro-batches whose exchanges overlap the other's experts: `overlapped`)."""
         if self.overlap and x.shape[0] >= 2:
             return self.overlapped(x, weights, indices)
+        x = sent(x)
         order, token, in_splits, out_splits, recv_expert = self.plan(self.physical(indices))
         recv = all_to_all(x.index_select(0, token), out_splits, in_splits, self.ep_group)  # dispatch
         ones = torch.ones(recv.shape[0], 1, dtype=torch.float32, device=x.device)
@@ -133,6 +141,7 @@ class EPExperts(Experts):
         B's dispatch travels while A's experts compute, A's combine while B's experts compute (V3's two-micro-batch
         overlap, §3.4, here within a layer), and likewise backward (OverlappedExchange). timings (optional) gets the
         seconds spent computing experts and waiting on communication, forward and backward."""
+        x = sent(x)
         T = x.shape[0]
         halves = [slice(0, T // 2), slice(T // 2, T)]
         plans = [self.plan(self.physical(indices[h])) for h in halves]
