@@ -1,7 +1,8 @@
 """One plan for a model on this rank (torchtitan's parallelize step): `check` refuses a layout that cannot be, in one
 line, before anything is written; `parallelize` applies the wraps in one fixed order and returns the `Plan`, which
 owns the per-step jobs that depend on the layout (gradient norm and clipping, the ranks' vote, EPLB) and the state
-on disk (DCP checkpoints that any layout reads, the published model written rank by rank). The trainer (`train/run.py: Run`) holds the plan and nothing else about parallelism.
+on disk (DCP checkpoints that any layout reads, the published model written rank by rank). The trainer
+(`train/run.py: Run`) holds the plan and nothing else about parallelism.
 
 The order, from the inside out (each wraps what the one before left):
 

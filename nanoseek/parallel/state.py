@@ -32,7 +32,7 @@ MODEL, OPTIM = "model.", "optim."
 
 def _rows(plan, p: torch.Tensor, t: torch.Tensor, load: bool):
     """t (p, or an optimizer tensor of p) in the form DCP is given (see the module's doc); for a redundant expert
-    shard being loaded, a whole logical tensor to read into (sliced into the slots afterwards: `_after_load`)."""
+    shard being loaded, a whole logical tensor to read into (its slots taken from it afterwards: `load`)."""
     m = getattr(p, "ep_module", None)
     if m is None or t.dim() == 0:
         return t
