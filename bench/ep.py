@@ -132,6 +132,7 @@ def main():
                 json.dump({**{k + "_ms": 1e3 * v for k, v in med.items()}, "hidden_share": hidden,
                        "hidden_share_train": hidden_train, "same": same,
                            "world": world, "preset": args.preset, "tokens": args.tokens}, f, indent=1)
+    dist.barrier()  # every rank's work done before the groups go (a C++ abort at teardown otherwise: dev/LOG.md)
     dist.destroy_process_group()
 
 

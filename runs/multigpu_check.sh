@@ -3,7 +3,8 @@
 # the EP all-to-all and its overlap (bench/ep.py), and short `small`-preset pretrainings under DP, EP, EP with
 # redundant experts and overlap, EP + overlap + FP8 (bf16 autocast), activation checkpointing (full, selective), two
 # pipeline schedules and PP x EP, all with the same global batch: their losses should agree (to summation order; FP8
-# to its own drift) and their tokens/s, MFU and peak memory compare the layouts.
+# to its own drift) and their tokens/s, MFU and peak memory compare the layouts; then a DCP checkpoint written in the
+# background by FSDP2 + EP, resumed under PP x EP.
 #   NGPU=8 bash runs/multigpu_check.sh               (default: all visible GPUs; at least 2)
 #   DEVICE=cpu NGPU=2 PRESET=tiny bash runs/multigpu_check.sh   the same commands on CPU gloo ranks (a dry run)
 # Results under $OUT (default out/multigpu_check): ep_bench.json, one run directory per configuration, summary.txt.
@@ -39,3 +40,18 @@ print(f"{sys.argv[2]:18s} final loss {rows[-1]['loss']:.4f}  tokens/s {sum(r['to
       f"  mfu {rows[-1]['mfu'] or 0:.3f}  peak memory {rows[-1].get('peak_memory_gib', float('nan')):.2f} GiB")
 PY
 done
+# DCP under nccl: a run saved mid-way in the background by FSDP2 + EP (each rank its shards), then resumed from that
+# checkpoint under PP 2 x EP (each rank reading only its stage): its final loss should be dp's
+HALF=$((STEPS / 2))
+rm -rf "$OUT/dcp_save" "$OUT/dcp_resume"
+$RUN -m nanoseek $common --out "$OUT/dcp_save" --ep "$NGPU" --parallel fsdp --save-every "$HALF" --async-save 2>&1 | tail -1
+mkdir -p "$OUT/dcp_resume/checkpoints"
+cp "$OUT/dcp_save/run.json" "$OUT/dcp_resume/"
+cp -r "$OUT/dcp_save/checkpoints/step_$(printf %06d "$HALF")" "$OUT/dcp_resume/checkpoints/"
+$RUN -m nanoseek $common --out "$OUT/dcp_resume" --pp 2 --pp-schedule 1f1b --ep $((NGPU / 2)) $PPB --resume auto 2>&1 \
+    | tail -1
+.venv/bin/python - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+last = {n: [json.loads(l) for l in open(f"{sys.argv[1]}/{n}/metrics.jsonl")][-1]["loss"] for n in ("dp", "dcp_resume")}
+print(f"dcp: saved by fsdp+ep (async), resumed under pp x ep: final loss {last['dcp_resume']:.4f} (dp {last['dp']:.4f})")
+PY

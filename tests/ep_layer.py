@@ -52,6 +52,7 @@ def main():
     dist.all_gather_object(gathered, out)
     if rank == 0:
         print(json.dumps(gathered))
+    dist.barrier()  # every rank's work done before the groups go (a C++ abort at teardown otherwise: dev/LOG.md)
     dist.destroy_process_group()
 
 

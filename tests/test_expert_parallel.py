@@ -19,15 +19,18 @@ SMALL = ["--seq-len", "64", "--eval-every", "3", "--eval-batches", "2", "--warmu
 
 
 def torchrun(*args, nproc: int = 2):
-    exe = Path(sys.executable).parent / "torchrun"
-    cmd = [str(exe), "--nproc_per_node", str(nproc), "-m", "nanoseek", *args]
+    """`nanoseek ARGS` under torchrun; a rerun after the teardown abort takes up what the first wrote (--resume auto)."""
+    return launch("-m", "nanoseek", *args, nproc=nproc, again=[] if "--resume" in args else ["--resume", "auto"])
+
+
+def launch(*args, nproc: int = 2, again=()):
+    """torchrun ARGS, asserted to succeed. A rank aborted by C++ at teardown ("terminate called without an active
+    exception", a gloo thread; seen under pytest-xdist's load, never alone: dev/LOG.md) runs it once more (+ again);
+    a real failure fails again."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode and "terminate called without an active exception" in r.stderr:
-        # a rank aborted by C++ (a gloo thread at teardown), seen once in five full runs under pytest-xdist's load and
-        # never alone (dev/LOG.md): run it once more, with --resume auto so the directory it wrote is taken up;
-        # a real failure fails again
-        r = subprocess.run(cmd + ([] if "--resume" in args else ["--resume", "auto"]), capture_output=True,
-                           text=True, timeout=600)
+        r = subprocess.run(cmd + list(again), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -92,11 +95,8 @@ def test_bad_ep(data, tmp_path):
 def test_two_microbatch_overlap_equals_the_serial_exchange(tmp_path):
     """bench/ep.py under torchrun: the overlapped layer (async all-to-alls of two micro-batches) gives the serial
     layer's output, and the timing fields come out."""
-    exe = Path(sys.executable).parent / "torchrun"
     bench = Path(__file__).parent.parent / "bench" / "ep.py"
-    r = subprocess.run([str(exe), "--nproc_per_node", "2", str(bench), "--tokens", "256", "--reps", "2", "--json",
-                        str(tmp_path / "ep.json")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    launch(str(bench), "--tokens", "256", "--reps", "2", "--json", str(tmp_path / "ep.json"))
     res = json.loads((tmp_path / "ep.json").read_text())
     assert res["same"] is True and res["comm_ms"] > 0 and res["compute_ms"] > 0 and res["overlapped_train_ms"] > 0
 
@@ -120,10 +120,7 @@ def test_overlap_under_bf16_autocast():
     experts compute in), the exchange's buffers take the dtype of what they carry, and the result equals the plain
     exchange (output and input gradients exactly; expert gradients to
     bf16 rounding, summed over two micro-batches instead of one)."""
-    exe = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(exe), "--nproc_per_node", "2", str(Path(__file__).parent / "ep_layer.py")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(str(Path(__file__).parent / "ep_layer.py"))
     for rank in json.loads(r.stdout.strip().splitlines()[-1]):
         assert rank["dtype"] == ["torch.bfloat16", "torch.bfloat16"]  # as EPExperts.grouped returns it
         assert rank["dx_dtype"] == ["torch.float32", "torch.float32"]  # the input's own dtype
