@@ -99,16 +99,18 @@ def cut_at(src, dst, step: int = 3):
 
 
 def test_saved_at_world_2_resumes_under_pp_2(runs):
-    """DCP: saved by 2 data-parallel ranks (each writing its part, in the background: --async-save) at step 3,
-    resumed on 2 ranks as PP 2 (each rank reading only its stage): still the one-process run."""
+    """DCP: saved by 2 ranks under FSDP2 + EP 2 (each writing its shards and its experts, in the background:
+    --async-save; AdamW's groups split by kind) at step 3, resumed on 2 ranks as PP 2 (each rank reading only its
+    stage, its groups whole): still the one-process run (FSDP2's tolerance)."""
     root, common = runs
-    torchrun(*common[:-1], "2", "--out", str(root / "dp_async"), "--save-every", "3", "--async-save")
-    cut_at(root / "dp_async", root / "dp_to_pp")
-    torchrun(*common, "--out", str(root / "dp_to_pp"), "--save-every", "3", "--pp", "2", "--pp-microbatches", "4",
+    torchrun(*common[:-1], "2", "--out", str(root / "fsdp_ep_async"), "--save-every", "3", "--async-save",
+             "--parallel", "fsdp", "--ep", "2")
+    cut_at(root / "fsdp_ep_async", root / "to_pp")
+    torchrun(*common, "--out", str(root / "to_pp"), "--save-every", "3", "--pp", "2", "--pp-microbatches", "4",
              "--resume", "auto")
-    a, b, c = metrics(root / "one"), metrics(root / "dp_async"), metrics(root / "dp_to_pp")
+    a, b, c = metrics(root / "one"), metrics(root / "fsdp_ep_async"), metrics(root / "to_pp")
     assert len(a) == len(b) == len(c) == 6
     for x, y, z in zip(a, b, c):
-        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["loss"] - z["loss"]) <= 1e-5 * x["loss"]
-    wa, wc = (read_published(p / "model") for p in (root / "one", root / "dp_to_pp"))
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * x["loss"] and abs(x["loss"] - z["loss"]) <= 1e-4 * x["loss"]
+    wa, wc = (read_published(p / "model") for p in (root / "one", root / "to_pp"))
     assert wa.keys() == wc.keys() and max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-3

@@ -91,17 +91,20 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str, min_ratio: 
 # ---- training checkpoints ------------------------------------------------------------------------------------------
 
 def load_optimizer_groups(opt: torch.optim.Optimizer, groups: list[dict]) -> None:
-    """The saved groups' hyper-parameters (lr, betas, ...) into the optimizer's groups, each matched by its parameter
-    names to the saved group that holds them (this rank may hold part of the model, a pipeline stage's, and its
-    layout may split the groups otherwise: parallel.plan.by_kind)."""
+    """The saved groups' hyper-parameters (lr, betas, ...) into the optimizer's groups, matched by parameter names:
+    this rank may hold part of the model (a pipeline stage's), and a layout may split the groups otherwise than the
+    one that saved them (parallel.plan.by_kind), so a group takes the settings of the saved groups its parameters
+    were in, which must agree."""
+    saved_of = {n: s for s in groups for n in s["names"]}
     for g in opt.param_groups:
-        if not g["names"]:
-            continue
-        saved = next((s for s in groups if set(g["names"]) <= set(s["names"])), None)
-        if saved is None:
-            raise NanoseekError("the checkpoint's optimizer holds different parameters than this model (or groups "
-                                "them otherwise)")
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "names"})
+        found = [saved_of.get(n) for n in g["names"]]
+        if any(s is None for s in found):
+            raise NanoseekError("the checkpoint's optimizer holds different parameters than this model")
+        settings = [{k: v for k, v in s.items() if k != "names"} for s in found]
+        if any(x != settings[0] for x in settings[1:]):
+            raise NanoseekError("the checkpoint's optimizer groups this model's parameters with other settings")
+        if settings:
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in settings[0].items()})
 
 
 def new_checkpoint_dir(run_dir: Path, step: int) -> Path:
