@@ -326,7 +326,8 @@ def weight_files(path: Path) -> list[Path]:
             if not f.exists():
                 raise NanoseekError(f"{index} names {f.name}, which is missing")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != "optimizer.safetensors")  # (older nanoseek's
+    # training checkpoints kept the optimizer beside the model)
     if not files:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise NanoseekError(f"{path} holds only pickled weights (.bin/.pt); nanoseek loads safetensors only "
