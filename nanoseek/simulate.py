@@ -431,14 +431,7 @@ def _step(mode, model, plan, parts, opt, pairs, ids, hidden, wire) -> dict:
         del outs, out
         if plan.pp is not None:
             plan.pp.sync_grads()  # tied embedding copies, the data-parallel mean
-        if plan.ep is not None:
-            plan.ep.reduce_grads(model)
-        if plan.pp is not None:  # the gradient norm the trainer clips by (without reading it: no values)
-            plan.pp.grad_norm(plan.ep)
-        elif plan.ep is not None:
-            plan.ep.grad_norm_sq(model).sqrt()
-        else:
-            plan.clip_grads(opt, 0.0)
+        plan.clip_grads(opt, 0.0)  # the trainer's reduction and gradient norm (not clipped: fake tensors hold no norm)
         grads = tracker.now("Gradient")
         tracker.phase = "opt"
         for s, p in pairs:

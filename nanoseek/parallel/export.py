@@ -17,7 +17,7 @@ from nanoseek.checkpoint import (_parse_size, atomic_dir, dtype_name, export_ten
                                  shard_names, write_model_meta)
 
 
-def _primary_rows(m) -> list[int]:
+def _primary_rows(m) -> tuple[list[int], list[int]]:
     """The local rows of an expert shard whose slot is its expert's first replica, and their expert ids."""
     S = m.gate_up_proj.shape[0]
     phy2log, log2phy, _ = m.placement_cpu
