@@ -51,17 +51,40 @@ def build_mesh(world: int, device: torch.device, pp: int = 1, ep: int = 1) -> De
     return mesh
 
 
+def initialized() -> bool:
+    """Whether this process is in a process group (torchrun), which the helpers below need to communicate."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] in one process)."""
+    if not initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (obj itself in one process)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         dist.destroy_process_group()

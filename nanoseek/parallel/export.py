@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from nanoseek.checkpoint import (_parse_size, atomic_dir, dtype_name, export_tensors, hf_tensors, shard_files,
                                  shard_names, write_model_meta)
+from nanoseek.parallel.distributed import all_gather_object, barrier, broadcast_object
 
 
 def _primary_rows(m) -> tuple[list[int], list[int]]:
@@ -49,38 +49,21 @@ def mine(plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def _all(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def _from_main(obj):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_published(plan, out: Path, tokenizer=None, fp8: bool = False, max_shard_size: int | str = "5GB") -> None:
     """OUT/model from every rank's part (call on every rank)."""
     out = Path(out)
     tensors = export_tensors(mine(plan), fp8)
     shards = shard_names(tensors, _parse_size(max_shard_size))
-    ranks = _all((shards, sum(t.numel() * t.element_size() for t in tensors.values()), dtype_name(tensors)))
+    ranks = all_gather_object((shards, sum(t.numel() * t.element_size() for t in tensors.values()), dtype_name(tensors)))
     files = shard_files([len(s) for s, _, _ in ranks])
 
     def write(tmp):  # every rank its files; rank 0 then the rest
-        tmp = Path(_from_main(str(tmp) if tmp is not None else None))
+        tmp = Path(broadcast_object(str(tmp) if tmp is not None else None))
         for fname, shard in zip(files[plan.d.rank], shards):
             save_file({n: tensors[n] for n in shard}, tmp / fname, metadata={"format": "pt"})
             with open(tmp / fname, "rb") as f:
                 os.fsync(f.fileno())
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        barrier()
         if plan.d.main:
             weight_map = {n: f for (s, _, _), fs in zip(ranks, files) for f, shard in zip(fs, s) for n in shard}
             dtype = next((dt for _, _, dt in ranks if dt), None)
@@ -90,5 +73,4 @@ def save_published(plan, out: Path, tokenizer=None, fp8: bool = False, max_shard
         atomic_dir(out, write)
     else:
         write(None)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # OUT/model in place before any rank goes on
+    barrier()  # OUT/model in place before any rank goes on

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from nanoseek.errors import NanoseekError
+from nanoseek.parallel.distributed import initialized
 
 MODEL, OPTIM = "model.", "optim."
 
@@ -77,10 +78,6 @@ def state_dict(plan, opt) -> dict:
         return _targets(plan, opt)[0]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 # one process is a world of its own (no_dist below); DCP warns about it all the same
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -90,8 +87,8 @@ def save(plan, opt, path: Path, background: bool = False, group=None):
     state copied first and written by a thread -> a future to wait on (None when written already)."""
     sd = state_dict(plan, opt)
     if background:
-        return dcp.async_save(sd, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
-    dcp.save(sd, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
+        return dcp.async_save(sd, checkpoint_id=str(path), process_group=group, no_dist=not initialized())
+    dcp.save(sd, checkpoint_id=str(path), process_group=group, no_dist=not initialized())
     return None
 
 
@@ -102,7 +99,7 @@ def load(plan, opt, path: Path) -> None:
     prime(opt)
     sd, after = _targets(plan, opt, load=True)
     try:
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not initialized())
     except Exception as e:  # DCP raises CheckpointException / RuntimeError naming the key
         first = str(e).strip().splitlines()
         raise NanoseekError(f"cannot resume from {path}: {first[-1] if first else type(e).__name__}") from None
@@ -154,4 +151,4 @@ def read(path: Path, prefix: str = MODEL) -> dict[str, torch.Tensor]:
 def checkpoint_group():
     """A gloo process group for DCP's own collectives (its metadata exchange; for async_save, from a background
     thread, which must not share a communicator with the training step's collectives)."""
-    return dist.new_group(backend="gloo") if _distributed() else None
+    return dist.new_group(backend="gloo") if initialized() else None

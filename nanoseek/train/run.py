@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from nanoseek.checkpoint import atomic_write
 from nanoseek.errors import NanoseekError
 from nanoseek.model import build_model, from_pretrained
 from nanoseek.parallel import Layout, all_reduce, barrier, init_distributed, parallelize
+from nanoseek.parallel.distributed import broadcast_object
 from nanoseek.parallel.activation_checkpoint import MODES as AC_MODES
 from nanoseek.train.common import (AdamWBF16Moments, Metrics, Progress, autocast_for, complete_checkpoint,
                                    load_optimizer_groups, new_checkpoint_dir, param_groups, resume_latest, rng_state)
@@ -360,11 +360,7 @@ class Run:
         if self.plan.pp is not None:  # every group's names, whatever stages this rank holds
             for g, names in zip(st["optimizer_groups"], self._all_names):
                 g["names"] = names
-        tmp = new_checkpoint_dir(self.out, self.step) if self.main else None
-        if self.d.enabled:
-            box = [str(tmp) if tmp else None]
-            dist.broadcast_object_list(box, src=0)
-            tmp = Path(box[0])
+        tmp = Path(broadcast_object(str(new_checkpoint_dir(self.out, self.step)) if self.main else None))
         future = self.plan.save(self.opt, tmp, background=getattr(self.args, "async_save", False))
         self._pending = (future, tmp, self.step, st)
         if future is None:
