@@ -281,22 +281,29 @@ def atomic_dir(path: Path, write, replace: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        if path.exists():
-            if not replace:
-                raise NanoseekError(f"{path} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "ckpt")  # swap: old aside, new in, old removed
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
+        commit_dir(tmp, path, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def commit_dir(tmp: Path, path: Path, replace: bool = True) -> Path:
+    """A directory written whole at `tmp` (beside `path`) put in place: everything fsynced, then renamed to `path`
+    (an existing `path` swapped out and removed when `replace`)."""
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if path.exists():
+        if not replace:
+            raise NanoseekError(f"{path} already exists")
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rename(path, old / "ckpt")  # swap: old aside, new in, old removed
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    _fsync(path.parent)
     return path
 
 

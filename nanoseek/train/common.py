@@ -5,7 +5,6 @@ newest complete one found on resume), metrics as JSONL, and the progress display
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.checkpoint import _fsync, atomic_write
+from nanoseek.checkpoint import atomic_write, commit_dir
 from nanoseek.errors import NanoseekError
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -119,17 +118,8 @@ def complete_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict, keep: 
     (loop state, RNG, counters, the optimizer's groups) written last, everything fsynced, the directory renamed to
     checkpoints/step_{step:06d}; then all but the newest `keep` removed, and what killed saves left behind."""
     (tmp / "train_state.json").write_text(json.dumps({**state, "step": step, "format": "dcp"}, indent=1) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
-    path = tmp.parent / f"step_{step:06d}"
-    if path.exists():  # a re-run of the same step (resumed past a kill after the rename): replaced whole
-        old = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.old-", dir=tmp.parent))
-        os.rename(path, old / "ckpt")
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-    _fsync(path.parent)
+    # (a step written again, by a run resumed past a kill after the rename, replaces the old one whole)
+    path = commit_dir(tmp, tmp.parent / f"step_{step:06d}")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in path.parent.glob(".step_*.*-*"):  # left by a process killed mid-save
