@@ -40,6 +40,9 @@ def test_pp2_equals_one_process(runs, schedule):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3  # a third of one Adam step at lr 3e-3
     ev = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
     assert len(ev) == 2 and all(v["val_loss"] < 10 for v in ev)  # evaluated through the whole model on every rank
+    ev1 = [json.loads(l) for l in (root / "one" / "eval.jsonl").read_text().splitlines()]
+    for x, y in zip(ev1, ev):  # every rank brought in the stages it lacks, the embedding included, before evaluating
+        assert abs(x["val_loss"] - y["val_loss"]) <= 1e-4 * x["val_loss"], (x, y)
 
 
 def test_pp_with_ep_and_dp_equals_one_process(runs):

@@ -62,8 +62,8 @@ def stage_bounds(L: int, S: int) -> list[int]:
 
 def holders(model, schedule: str, pp: int):
     """name -> the pp ranks whose stages hold that model tensor, the one holding the canonical copy first: a layer's
-    stage; the embedding on the first stage, and on the last (whose tied copy and MTP module use it); the final
-    norm, head and MTP module on the last; anything else on every rank."""
+    stage; the embedding on the first stage (the last stage trains a tied copy of its own: Pipeline.embed_copy); the
+    final norm, head and MTP module on the last; anything else on every rank."""
     owner = stage_ranks(schedule, pp)
     S = len(owner)
     bounds = stage_bounds(len(model.layers), S)
@@ -74,7 +74,7 @@ def holders(model, schedule: str, pp: int):
         if name.startswith("layers."):
             return (layer[int(name.split(".")[1])],)
         if name.startswith("embed_tokens."):
-            return (first,) if last == first else (first, last)
+            return (first,)
         if name.startswith(("norm.", "lm_head.", "mtp.")):
             return (last,)
         return tuple(range(pp))
@@ -82,9 +82,10 @@ def holders(model, schedule: str, pp: int):
 
 
 def held_by(model, schedule: str, pp: int, pp_rank: int):
-    """name -> whether the pp rank's stages hold that parameter (see holders)."""
-    ranks = holders(model, schedule, pp)
-    return lambda name: pp_rank in ranks(name)
+    """name -> whether the pp rank materialises that parameter: what its stages hold (holders), and the embedding on
+    the last stage's rank too, where the pipeline makes its tied copy from it (and then drops it)."""
+    ranks, last = holders(model, schedule, pp), stage_ranks(schedule, pp)[-1]
+    return lambda name: pp_rank in ranks(name) or (name.startswith("embed_tokens.") and pp_rank == last)
 
 
 class Stage(nn.Module):
